@@ -1,0 +1,82 @@
+"""The ``genie-sima`` command line. Subcommands grow with the pipeline (collect, info, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .config import add_config_arguments, config_from_args
+from .errors import GenieSimaError
+
+
+def _cmd_collect(args) -> int:
+    from .collect import CollectConfig, collect
+
+    cfg = config_from_args(CollectConfig, args)
+    result = collect(cfg)
+    print(json.dumps(result))
+    return 0
+
+
+def _print_table(d: dict) -> None:
+    width = max(len(k) for k in d)
+    for k, v in d.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        print(f"{k:<{width}}  {v}")
+
+
+def _cmd_info(args) -> int:
+    from .info import data_info, environment_info
+
+    out = {"genie_sima": __version__, **environment_info()}
+    if args.data:
+        out["data"] = data_info(args.data, verify=args.verify)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"genie-sima {__version__}")
+    _print_table({k: v for k, v in out["versions"].items()})
+    print(f"torch CUDA available: {out['torch_cuda_available']} {out.get('torch_cuda_devices') or ''}")
+    if args.data:
+        print()
+        _print_table(out["data"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .collect import CollectConfig
+
+    parser = argparse.ArgumentParser(prog="genie-sima", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"genie-sima {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("collect", help="collect real game video into HDF5 shards + a Parquet manifest")
+    add_config_arguments(p, CollectConfig, required=("source", "out"))
+    p.set_defaults(func=_cmd_collect)
+
+    p = sub.add_parser("info", help="show installed versions and summarise a data directory")
+    p.add_argument("--data", help="a directory written by `genie-sima collect`")
+    p.add_argument("--verify", action="store_true", help="read every frame (checksums) while summarising --data")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except GenieSimaError as e:
+        print(f"genie-sima {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"genie-sima {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Real game video: games, behaviour policies, HDF5 shards, Parquet manifest, clip readers."""

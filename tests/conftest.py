@@ -1,0 +1,52 @@
+"""Shared fixtures: one real local Ray per test session and a few small real collections."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    # address="local" so a stale /tmp/ray/ray_current_cluster from a killed `ray start` is never joined.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def run_collect(out: Path, **overrides) -> dict:
+    from pipelines.collect import CollectConfig, collect
+
+    fields = dict(source="babyai:BabyAI-GoToLocal-v0", out=str(out), episodes=12, policy="bot",
+                  episodes_per_shard=4, workers=2, seed=0)
+    fields.update(overrides)
+    return collect(CollectConfig(**fields), log=lambda msg: None)
+
+
+def shard_digests(data_dir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(data_dir).glob("shard_*.h5"))}
+
+
+@pytest.fixture(scope="session")
+def babyai_bot_data(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("babyai_bot")
+    run_collect(out, episodes=24, policy="bot", episodes_per_shard=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def babyai_mixed_data(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("babyai_mixed")
+    run_collect(out, episodes=24, policy="mixed", epsilon=0.5, episodes_per_shard=8, val_fraction=0.25)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pong_data(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pong")
+    run_collect(out, source="atari:Pong", episodes=3, policy="random", episodes_per_shard=2, max_steps=40)
+    return out

@@ -1,0 +1,112 @@
+"""Killed collections resume with no duplicate and no missing episode, byte-identical to a clean run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipelines.data.manifest import read_manifest
+from tests.conftest import run_collect, shard_digests
+
+# Pong with long episodes: each shard takes long enough to be caught half-written.
+SLOW = dict(source="atari:Pong", episodes=4, policy="random", episodes_per_shard=1, max_steps=600)
+
+
+def _pids_holding_temp(out: Path) -> list[int]:
+    """Processes with a shard temp file open, i.e. workers in the middle of writing a shard."""
+    pids = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            for f in proc.open_files():
+                if f.path.startswith(str(out)) and ".tmp-" in f.path:
+                    pids.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return pids
+
+
+def _wait_for(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.01)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def _check_complete(out: Path, n: int):
+    rows = read_manifest(out)
+    assert [r["episode_index"] for r in rows] == list(range(n))
+    assert len({r["episode_key"] for r in rows}) == n
+    assert not list(out.glob(".*.tmp-*")), "temp files left behind"
+
+
+@pytest.fixture(scope="module")
+def clean_slow(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean_slow")
+    run_collect(out, **SLOW)
+    return shard_digests(out)
+
+
+def test_worker_killed_mid_shard_is_retried(ray_local, tmp_path, clean_slow):
+    out = tmp_path / "killed_worker"
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(run_collect(out, workers=1, **SLOW)))
+    t.start()
+    pids = _wait_for(lambda: _pids_holding_temp(out), 60, "a worker writing a shard")
+    os.kill(pids[0], signal.SIGKILL)
+    t.join(timeout=240)
+    assert not t.is_alive()
+    assert result["episodes"] == 4
+    _check_complete(out, 4)
+    assert shard_digests(out) == clean_slow
+
+
+def test_driver_killed_mid_shard_resumes(ray_local, tmp_path, clean_slow):
+    out = tmp_path / "killed_driver"
+    cmd = [sys.executable, "-m", "pipelines.cli", "collect", "--source", SLOW["source"], "--out", str(out),
+           "--episodes", "4", "--policy", "random", "--episodes-per-shard", "1", "--max-steps", "600",
+           "--workers", "1", "--seed", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Wait until one shard is complete and another is half-written, then kill everything.
+        _wait_for(lambda: (out / "shard_00000.h5").exists() and _pids_holding_temp(out), 120,
+                  "one complete shard and one half-written")
+    finally:
+        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(timeout=30)
+    assert not (out / "manifest.parquet").exists()
+    assert len(list(out.glob("shard_*.h5"))) < 4
+    assert list(out.glob(".*.tmp-*")), "expected the killed writer's partial temp file"
+
+    result = run_collect(out, workers=2, **SLOW)
+    assert result["shards_kept"] >= 1 and result["shards_kept"] + result["shards_collected"] == 4
+    _check_complete(out, 4)
+    assert shard_digests(out) == clean_slow
+
+
+def test_damaged_shard_is_recollected(ray_local, tmp_path):
+    out = tmp_path / "damaged"
+    run_collect(out, episodes=8)
+    before = shard_digests(out)
+    victim = out / "shard_00001.h5"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    result = run_collect(out, episodes=8)
+    assert result["shards_kept"] == 1 and result["shards_collected"] == 1
+    assert shard_digests(out) == before
