@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import numpy as np
 
 from ..errors import SourceError
@@ -51,7 +54,9 @@ class BabyAIGame:
         return resize_frame(raw, self.frame_size)
 
     def reset(self, seed: int) -> np.ndarray:
-        self.env.reset(seed=int(seed))
+        # BabyAI's level generator prints every rejected sample ("Sampling rejected: ...").
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.env.reset(seed=int(seed))
         return self.frame()
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool]:
