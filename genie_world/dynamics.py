@@ -1,0 +1,94 @@
+"""DynamicsModel: MaskGIT over tokenizer ids on a space-time transformer, conditioned on latent actions.
+
+Frame t+1 is conditioned on the latent action a_t (added to every token of frame t+1 before each
+block); frame 0 gets a learned "no action". Training masks a ratio ~U[0.5, 1) of each frame
+t >= 1 and predicts the masked ids. Generation decodes a new frame with MaskGIT against a temporal
+KV cache of the finished frames, so each new frame costs the same whatever the history length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .scalars import item as _item
+
+from .maskgit import maskgit_decode, random_mask
+from .st_transformer import KVCache, STTransformer
+
+
+class DynamicsModel(nn.Module):
+    def __init__(self, vocab_size: int, num_patches: int, num_actions: int, width: int, heads: int, depth: int,
+                 qk_norm: bool = False, mask_low: float = 0.5, mask_high: float = 1.0):
+        super().__init__()
+        self.vocab_size, self.num_patches, self.num_actions = vocab_size, num_patches, num_actions
+        self.mask_id = vocab_size
+        self.mask_low, self.mask_high = mask_low, mask_high
+        self.tok_embed = nn.Embedding(vocab_size + 1, width)
+        self.pos = nn.Parameter(torch.randn(num_patches, width) * 0.02)
+        self.action_embed = nn.Embedding(num_actions + 1, width)  # index num_actions = "no action"
+        self.transformer = STTransformer(width, heads, depth, qk_norm)
+        self.head = nn.Linear(width, vocab_size)
+
+    def _cond(self, actions: torch.Tensor, with_first: bool) -> torch.Tensor:
+        if with_first:
+            none = torch.full_like(actions[:, :1], self.num_actions)
+            actions = torch.cat([none, actions], dim=1)  # [B, T]
+        return self.action_embed(actions)
+
+    def forward(self, ids: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """ids [B, T, P] (mask_id where masked), actions [B, T-1] -> logits [B, T, P, V]."""
+        h = self.transformer(self.tok_embed(ids) + self.pos, cond=self._cond(actions, True))
+        return self.head(h)
+
+    def loss(self, ids: torch.Tensor, actions: torch.Tensor, generator=None) -> tuple[torch.Tensor, dict]:
+        b, t, p = ids.shape
+        mask = random_mask((b, t, p), self.mask_low, self.mask_high, generator, ids.device)
+        mask[:, 0] = False  # frame 0 is always given (the prompt / the real first frame)
+        logits = self(torch.where(mask, self.mask_id, ids), actions)
+        loss = F.cross_entropy(logits[mask], ids[mask])
+        acc = (logits[mask].argmax(-1) == ids[mask]).float().mean()
+        return loss, {"loss": _item(loss), "masked_token_acc": _item(acc)}
+
+    # --- generation with a KV cache -------------------------------------------------------
+    def new_cache(self, max_frames: int | None = None) -> KVCache:
+        return self.transformer.new_cache(max_frames)
+
+    @torch.no_grad()
+    def prime(self, cache: KVCache, ids: torch.Tensor, actions: torch.Tensor | None) -> torch.Tensor:
+        """Commit finished frames ids [B, t, P] (with the actions that led into them) to the cache.
+
+        ``actions`` [B, t] are the latent actions *into* each frame; pass None when the first frame
+        is frame 0 of the episode. Returns the final hidden states [B, t, P, D].
+        """
+        if actions is None:
+            actions = torch.full(ids.shape[:2], self.num_actions, dtype=torch.long, device=ids.device)
+        return self.transformer.forward_cached(self.tok_embed(ids) + self.pos, cache, cond=self.action_embed(actions),
+                                               commit=True)
+
+    @torch.no_grad()
+    def generate_next(self, cache: KVCache, actions: torch.Tensor, steps: int, temperature: float,
+                      schedule: str = "cosine", generator: torch.Generator | None = None) -> torch.Tensor:
+        """Decode the next frame's ids [B, P] given latent actions [B]; the frame is then committed."""
+        cond = self.action_embed(actions)[:, None]  # [B, 1, D]
+
+        def logits_fn(frame_ids):
+            x = self.tok_embed(frame_ids[:, None]) + self.pos  # [B, 1, P, D]
+            return self.head(self.transformer.forward_cached(x, cache, cond=cond))[:, 0]
+
+        ids = maskgit_decode(logits_fn, actions.shape[0], self.num_patches, self.mask_id, steps, temperature,
+                             schedule, generator, actions.device)
+        self.prime(cache, ids[:, None], actions[:, None])
+        return ids
+
+    @torch.no_grad()
+    def generate_next_uncached(self, context: torch.Tensor, actions: torch.Tensor, steps: int, temperature: float,
+                               schedule: str = "cosine", generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reference path: re-run the whole history each step. context [B, t, P], actions [B, t]."""
+        def logits_fn(frame_ids):
+            ids = torch.cat([context, frame_ids[:, None]], dim=1)
+            return self(ids, actions)[:, -1]
+
+        return maskgit_decode(logits_fn, context.shape[0], self.num_patches, self.mask_id, steps, temperature,
+                              schedule, generator, context.device)

@@ -1,0 +1,83 @@
+"""LatentActionModel (Genie): infer a discrete action from frames t and t+1 without labels.
+
+Encoder: ST transformer over the clip; its output at frame t+1 (which has seen frames <= t+1)
+pooled over patches gives logits over |A| latent actions for the transition t -> t+1.
+Decoder: from frames <= t plus the latent action, predict frame t+1 (as a change of frame t).
+Only the action passes from t+1 to the decoder, so it must encode what changed.
+
+Guard against collapse: a bonus on the entropy of the batch-mean action distribution (use all
+actions) plus a penalty on per-sample entropy (be decisive); usage is reported.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .scalars import item as _item
+
+from .patches import patchify, to_float, unpatchify
+from .st_transformer import STTransformer
+
+
+class LatentActionModel(nn.Module):
+    def __init__(self, frame_size: int, patch: int, width: int, heads: int, enc_blocks: int, dec_blocks: int,
+                 num_actions: int = 8, qk_norm: bool = False, entropy_weight: float = 0.05,
+                 change_weight: float = 10.0):
+        super().__init__()
+        self.frame_size, self.patch, self.num_actions = frame_size, patch, num_actions
+        self.entropy_weight, self.change_weight = entropy_weight, change_weight
+        p = (frame_size // patch) ** 2
+        pdim = patch * patch * 3
+        self.enc_embed = nn.Linear(pdim, width)
+        self.enc_pos = nn.Parameter(torch.randn(p, width) * 0.02)
+        self.encoder = STTransformer(width, heads, enc_blocks, qk_norm)
+        self.to_logits = nn.Linear(width, num_actions)
+        self.action_embed = nn.Embedding(num_actions, width)
+        self.dec_embed = nn.Linear(pdim, width)
+        self.dec_pos = nn.Parameter(torch.randn(p, width) * 0.02)
+        self.decoder = STTransformer(width, heads, dec_blocks, qk_norm)
+        self.to_pixels = nn.Linear(width, pdim)
+
+    def action_logits(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames [B, T, H, W, 3] -> logits [B, T-1, A] for the transitions t -> t+1."""
+        x = patchify(to_float(frames) * 2 - 1, self.patch)
+        h = self.encoder(self.enc_embed(x) + self.enc_pos)  # [B, T, P, D]
+        return self.to_logits(h[:, 1:].mean(dim=2))  # [B, T-1, A]
+
+    @torch.no_grad()
+    def infer(self, frames: torch.Tensor) -> torch.Tensor:
+        """Latent action ids [B, T-1]."""
+        return self.action_logits(frames).argmax(-1)
+
+    def predict_next(self, frames: torch.Tensor, actions_onehot: torch.Tensor) -> torch.Tensor:
+        """frames [B, T, ...] (history), actions [B, T, A] -> predicted frames t+1 [B, T, H, W, 3]."""
+        x01 = to_float(frames)
+        x = patchify(x01 * 2 - 1, self.patch)
+        cond = actions_onehot @ self.action_embed.weight  # [B, T, D]
+        h = self.decoder(self.dec_embed(x) + self.dec_pos, cond=cond)
+        delta = unpatchify(self.to_pixels(h), self.patch, self.frame_size, self.frame_size)
+        return x01 + delta
+
+    def loss(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        logits = self.action_logits(frames)  # [B, T-1, A]
+        probs = logits.softmax(-1)
+        hard = F.one_hot(probs.argmax(-1), self.num_actions).to(probs.dtype)
+        onehot = hard + probs - probs.detach()  # straight-through
+        pred = self.predict_next(frames[:, :-1], onehot)
+        target = to_float(frames[:, 1:])
+        changed = (target != to_float(frames[:, :-1])).any(-1, keepdim=True).float()  # [B, T-1, H, W, 1]
+        weight = 1.0 + self.change_weight * changed
+        recon = (weight * (pred - target) ** 2).mean()
+        mean_p = probs.reshape(-1, self.num_actions).mean(0)
+        batch_entropy = -(mean_p * (mean_p + 1e-8).log()).sum()
+        sample_entropy = -(probs * (probs + 1e-8).log()).sum(-1).mean()
+        loss = recon + self.entropy_weight * (sample_entropy - batch_entropy)
+        used = torch.bincount(hard.argmax(-1).flatten(), minlength=self.num_actions)
+        metrics = {
+            "loss": _item(loss), "recon": _item(recon), "mse": _item(F.mse_loss(pred, target)),
+            "action_batch_entropy": _item(batch_entropy), "action_sample_entropy": _item(sample_entropy),
+            "actions_used": int((used > 0).sum()),
+        }
+        return loss, metrics

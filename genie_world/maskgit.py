@@ -1,0 +1,64 @@
+"""MaskGIT: training masks and confidence-based iterative decoding of a frame's tokens."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+SCHEDULES = ("cosine", "linear")
+
+
+def masked_fraction(step: int, steps: int, schedule: str) -> float:
+    """Fraction of tokens still masked after decoding step ``step`` (0-based) of ``steps``."""
+    r = (step + 1) / steps
+    if schedule == "cosine":
+        return math.cos(math.pi / 2 * r)
+    if schedule == "linear":
+        return 1.0 - r
+    raise ValueError(f"MaskGIT schedule {schedule!r}: expected one of {SCHEDULES}")
+
+
+def random_mask(shape, low: float, high: float, generator=None, device=None) -> torch.Tensor:
+    """Bool mask [..., P]: each leading index masks a ratio ~U[low, high) of its P positions."""
+    *lead, p = shape
+    ratio = low + (high - low) * torch.rand(*lead, 1, generator=generator, device=device)
+    scores = torch.rand(*lead, p, generator=generator, device=device)
+    n_mask = (ratio * p).ceil().clamp(1, p)  # at least one masked token per frame
+    rank = scores.argsort(-1).argsort(-1).float()  # [..., P] rank of each position
+    return rank < n_mask
+
+
+@torch.no_grad()
+def maskgit_decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], batch: int, num_tokens: int, mask_id: int,
+                   steps: int, temperature: float, schedule: str = "cosine",
+                   generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Fill ``num_tokens`` masked positions in ``steps`` rounds; returns ids [B, P].
+
+    Each round samples every masked position, keeps the most confident ones and re-masks the rest;
+    Gumbel noise on the confidences (annealed with the round) keeps different seeds distinct.
+    """
+    ids = torch.full((batch, num_tokens), mask_id, dtype=torch.long, device=device)
+    masked = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
+    for step in range(steps):
+        logits = logits_fn(ids).float()  # [B, P, V]
+        if temperature > 0:
+            probs = (logits / temperature).softmax(-1)
+            sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(batch, num_tokens)
+        else:
+            probs = logits.softmax(-1)
+            sampled = probs.argmax(-1)
+        conf = probs.gather(-1, sampled[..., None]).squeeze(-1).clamp_min(1e-20).log()
+        if temperature > 0:
+            u = torch.rand(conf.shape, generator=generator, device=device).clamp(1e-20, 1 - 1e-7)
+            conf = conf + temperature * (1 - (step + 1) / steps) * -torch.log(-torch.log(u))
+        ids = torch.where(masked, sampled, ids)
+        n_still = int(math.floor(num_tokens * masked_fraction(step, steps, schedule))) if step < steps - 1 else 0
+        if n_still <= 0:
+            break
+        conf = torch.where(masked, conf, torch.full_like(conf, float("inf")))
+        remask_idx = conf.argsort(-1)[:, :n_still]  # lowest-confidence newly sampled positions
+        masked = torch.zeros_like(masked).scatter(1, remask_idx, True)
+        ids = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    return ids

@@ -1,0 +1,184 @@
+"""Space-time transformer (Genie): spatial attention within a frame, causal temporal attention per
+patch position, SwiGLU MLP, RMSNorm, optional QK-norm. All attention goes through SDPA.
+
+Temporal positions use rotary embeddings, so a sliding-window KV cache keeps relative positions:
+generating frame t costs the same whatever t is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, mult: float = 8 / 3):
+        super().__init__()
+        hidden = int(dim * mult)
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs of channels of x [N, H, T, dh] by angles set by ``positions`` [T]."""
+    dh = x.shape[-1]
+    half = dh // 2
+    freqs = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
+    ang = positions.float()[:, None] * freqs[None, :]  # [T, half]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    if dh % 2:
+        out = torch.cat([out, x[..., -1:]], dim=-1)
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by heads {heads}")
+        self.heads, self.dh = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.dh) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.dh) if qk_norm else nn.Identity()
+
+    def project(self, x: torch.Tensor):
+        n, t, _ = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, self.dh).permute(2, 0, 3, 1, 4)  # 3 x [N, H, T, dh]
+        return self.q_norm(q), self.k_norm(k), v
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        n, h, t, dh = y.shape
+        return self.out(y.transpose(1, 2).reshape(n, t, h * dh))
+
+
+class SpatialAttention(Attention):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, p, d = x.shape
+        q, k, v = self.project(x.reshape(b * t, p, d))  # [B*T, H, P, dh]
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.merge(y).view(b, t, p, d)
+
+
+@dataclass
+class LayerCache:
+    """Keys/values of committed frames for one temporal-attention layer: [B*P, H, t, dh]."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+
+@dataclass
+class KVCache:
+    """Per-layer temporal caches plus the absolute time index of the next frame."""
+
+    layers: list[LayerCache] = field(default_factory=list)
+    next_pos: int = 0
+    max_frames: int | None = None  # sliding window: committed frames kept
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.layers or self.layers[0].k is None else self.layers[0].k.shape[2]
+
+
+class TemporalAttention(Attention):
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerCache | None = None):
+        """x [B, T, P, D]. With ``cache``, x holds new frames that attend to the cached ones too.
+
+        Returns (y, (k, v)) where (k, v) are this call's keys/values for the caller to commit.
+        """
+        b, t, p, d = x.shape
+        xt = x.permute(0, 2, 1, 3).reshape(b * p, t, d)  # [B*P, T, D]: one sequence per patch
+        q, k, v = self.project(xt)
+        q, k = rotary(q, positions), rotary(k, positions)
+        if cache is not None and cache.k is not None:
+            k_all = torch.cat([cache.k, k], dim=2)
+            v_all = torch.cat([cache.v, v], dim=2)
+            past = cache.k.shape[2]
+            # New frame i may see every cached frame and new frames <= i.
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.merge(y).view(b, p, t, d).permute(0, 2, 1, 3)  # [B, T, P, D]
+        return y, (k, v)
+
+
+class STBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False, causal_time: bool = True):
+        super().__init__()
+        self.norm_s, self.norm_t, self.norm_m = RMSNorm(dim), RMSNorm(dim), RMSNorm(dim)
+        self.spatial = SpatialAttention(dim, heads, qk_norm)
+        self.temporal = TemporalAttention(dim, heads, qk_norm)
+        self.mlp = SwiGLU(dim)
+
+    def forward(self, x, positions, cache: LayerCache | None = None):
+        x = x + self.spatial(self.norm_s(x))
+        y, kv = self.temporal(self.norm_t(x), positions, cache)
+        x = x + y
+        x = x + self.mlp(self.norm_m(x))
+        return x, kv
+
+
+class STTransformer(nn.Module):
+    """A stack of STBlocks over [B, T, P, D]; ``cond`` [B, T, D] is added before every block."""
+
+    def __init__(self, dim: int, heads: int, depth: int, qk_norm: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(STBlock(dim, heads, qk_norm) for _ in range(depth))
+        self.norm = RMSNorm(dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        positions = torch.arange(x.shape[1], device=x.device)
+        for block in self.blocks:
+            if cond is not None:
+                x = x + cond[:, :, None, :]
+            x, _ = block(x, positions)
+        return self.norm(x)
+
+    def new_cache(self, max_frames: int | None = None) -> KVCache:
+        return KVCache([LayerCache() for _ in self.blocks], 0, max_frames)
+
+    def forward_cached(self, x: torch.Tensor, cache: KVCache, cond: torch.Tensor | None = None,
+                       commit: bool = False) -> torch.Tensor:
+        """Run new frames x [B, t, P, D] against ``cache``; with ``commit`` append them to it.
+
+        MaskGIT calls this several times for the same new frame (commit=False) and once more with
+        the final tokens (commit=True), so the cache only ever holds finished frames.
+        """
+        t = x.shape[1]
+        positions = torch.arange(cache.next_pos, cache.next_pos + t, device=x.device)
+        new_kv = []
+        for block, layer in zip(self.blocks, cache.layers):
+            if cond is not None:
+                x = x + cond[:, :, None, :]
+            x, kv = block(x, positions, layer)
+            new_kv.append(kv)
+        if commit:
+            for layer, (k, v) in zip(cache.layers, new_kv):
+                layer.k = k if layer.k is None else torch.cat([layer.k, k], dim=2)
+                layer.v = v if layer.v is None else torch.cat([layer.v, v], dim=2)
+                if cache.max_frames is not None and layer.k.shape[2] > cache.max_frames:
+                    layer.k = layer.k[:, :, -cache.max_frames:]
+                    layer.v = layer.v[:, :, -cache.max_frames:]
+            cache.next_pos += t
+        return self.norm(x)

@@ -1,0 +1,66 @@
+"""VideoTokenizer: patchify -> ST encoder -> FSQ -> ST decoder -> pixels.
+
+BabyAI default: patch 8 at 64x64, one token per tile, so the dynamics model reasons about tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .scalars import item as _item
+
+from .fsq import FSQ
+from .patches import patchify, to_float, unpatchify
+from .st_transformer import KVCache, STTransformer
+
+
+class VideoTokenizer(nn.Module):
+    def __init__(self, frame_size: int, patch: int, width: int, heads: int, enc_blocks: int, dec_blocks: int,
+                 fsq_levels, qk_norm: bool = False):
+        super().__init__()
+        self.frame_size, self.patch = frame_size, patch
+        self.num_patches = (frame_size // patch) ** 2
+        pdim = patch * patch * 3
+        self.fsq = FSQ(fsq_levels)
+        self.vocab_size = self.fsq.codebook_size
+        self.embed = nn.Linear(pdim, width)
+        self.enc_pos = nn.Parameter(torch.randn(self.num_patches, width) * 0.02)
+        self.encoder = STTransformer(width, heads, enc_blocks, qk_norm)
+        self.to_code = nn.Linear(width, self.fsq.dim)
+        self.from_code = nn.Linear(self.fsq.dim, width)
+        self.dec_pos = nn.Parameter(torch.randn(self.num_patches, width) * 0.02)
+        self.decoder = STTransformer(width, heads, dec_blocks, qk_norm)
+        self.to_pixels = nn.Linear(width, pdim)
+
+    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames [B, T, H, W, 3] (uint8 or [0,1]) -> (codes [B, T, P, c], token ids [B, T, P])."""
+        x = patchify(to_float(frames) * 2 - 1, self.patch)  # [B, T, P, patch*patch*3]
+        h = self.encoder(self.embed(x) + self.enc_pos)
+        return self.fsq(self.to_code(h))
+
+    def _pixels(self, h: torch.Tensor) -> torch.Tensor:
+        x = self.to_pixels(h)  # [B, T, P, patch*patch*3]
+        x = unpatchify(x, self.patch, self.frame_size, self.frame_size)
+        return (x + 1) / 2  # [B, T, H, W, 3], about [0, 1]
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return self._pixels(self.decoder(self.from_code(codes) + self.dec_pos))
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """token ids [B, T, P] -> frames [B, T, H, W, 3] in [0, 1]."""
+        return self.decode_codes(self.fsq.indices_to_codes(ids))
+
+    def decode_next(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Decode one new frame of ids [B, 1, P] against the decoder's KV cache (and commit it)."""
+        h = self.decoder.forward_cached(self.from_code(self.fsq.indices_to_codes(ids)) + self.dec_pos, cache, commit=True)
+        return self._pixels(h)
+
+    def loss(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        target = to_float(frames)
+        codes, ids = self.encode(frames)
+        recon = self.decode_codes(codes)
+        mse = F.mse_loss(recon, target)
+        metrics = {"loss": _item(mse), "mse": _item(mse), **self.fsq.usage(ids)}
+        return mse, metrics

@@ -1,0 +1,187 @@
+"""Unit tests of the world-model parts (no Ray): FSQ, ST transformer, MaskGIT, heads, adapter, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from genie_world.action_adapter import ActionAdapter
+from genie_world.dynamics import DynamicsModel
+from genie_world.fsq import FSQ
+from genie_world.latent_actions import LatentActionModel
+from genie_world.maskgit import maskgit_decode, random_mask
+from genie_world.metrics import psnr, ssim
+from genie_world.prompt_prior import PromptPrior
+from genie_world.reward_head import RewardHead
+from genie_world.st_transformer import STTransformer
+from genie_world.text_encoder import UnknownWordsError, Vocabulary
+from genie_world.video_tokenizer import VideoTokenizer
+
+torch.set_num_threads(2)
+
+
+def test_fsq_index_code_round_trip_and_gradient():
+    fsq = FSQ("8,5,5,5")
+    assert fsq.codebook_size == 1000
+    idx = torch.arange(1000)
+    assert torch.equal(fsq.codes_to_indices(fsq.indices_to_codes(idx)), idx)
+    z = torch.randn(64, 4, requires_grad=True)
+    codes, ids = fsq(z)
+    assert codes.abs().max() <= 1.0 and ids.min() >= 0 and ids.max() < 1000
+    assert torch.equal(fsq.indices_to_codes(ids), codes.detach())
+    (codes ** 2).sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # straight-through estimator
+    usage = fsq.usage(ids)
+    assert 0 < usage["codebook_used"] <= 1 and usage["codebook_perplexity"] >= 1
+
+
+def test_temporal_attention_is_causal():
+    torch.manual_seed(0)
+    st = STTransformer(dim=32, heads=4, depth=2, qk_norm=True).eval()
+    x = torch.randn(2, 5, 6, 32)
+    y = st(x)
+    x2 = x.clone()
+    x2[:, 3] += torch.randn_like(x2[:, 3])  # change frame 3
+    y2 = st(x2)
+    torch.testing.assert_close(y[:, :3], y2[:, :3])  # frames before 3 are unaffected
+    assert not torch.allclose(y[:, 3:], y2[:, 3:])
+
+
+def test_cached_forward_equals_full_forward():
+    torch.manual_seed(0)
+    st = STTransformer(dim=32, heads=4, depth=3).eval()
+    x = torch.randn(2, 6, 5, 32)
+    cond = torch.randn(2, 6, 32)
+    full = st(x, cond)
+    cache = st.new_cache()
+    outs = [st.forward_cached(x[:, :2], cache, cond[:, :2], commit=True)]
+    for t in range(2, 6):
+        st.forward_cached(x[:, t:t + 1], cache, cond[:, t:t + 1])  # an uncommitted pass changes nothing
+        outs.append(st.forward_cached(x[:, t:t + 1], cache, cond[:, t:t + 1], commit=True))
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-5, rtol=1e-4)
+    assert cache.length == 6 and cache.next_pos == 6
+
+
+def _dynamics():
+    torch.manual_seed(0)
+    return DynamicsModel(vocab_size=50, num_patches=16, num_actions=8, width=32, heads=4, depth=2).eval()
+
+
+def test_kv_cached_generation_equals_uncached():
+    dyn = _dynamics()
+    context = torch.randint(0, 50, (3, 4, 16))
+    actions = torch.randint(0, 8, (3, 4))  # a_0..a_2 into frames 1..3, then a_3 for the new frame
+    cache = dyn.new_cache()
+    dyn.prime(cache, context[:, :1], None)
+    dyn.prime(cache, context[:, 1:], actions[:, :3])
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    cached = dyn.generate_next(cache, actions[:, 3], steps=6, temperature=1.0, generator=g1)
+    uncached = dyn.generate_next_uncached(context, actions, steps=6, temperature=1.0, generator=g2)
+    assert torch.equal(cached, uncached)
+    assert (cached != dyn.mask_id).all() and cache.length == 5
+
+
+def test_maskgit_decode_fills_everything_and_is_seeded():
+    logits = torch.randn(2, 16, 10)
+    fn = lambda ids: logits  # noqa: E731
+    a = maskgit_decode(fn, 2, 16, 10, steps=5, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    b = maskgit_decode(fn, 2, 16, 10, steps=5, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    c = maskgit_decode(fn, 2, 16, 10, steps=5, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c) and (a < 10).all()
+    g = maskgit_decode(fn, 2, 16, 10, steps=5, temperature=0.0)
+    assert torch.equal(g, logits.argmax(-1))
+    m = random_mask((1000, 64), 0.5, 1.0, torch.Generator().manual_seed(0))
+    frac = m.float().mean(-1)
+    assert frac.min() >= 0.5 and frac.max() <= 1.0
+
+
+def _frames(n=2, t=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Blocky frames (8x8 tiles of few colours), like BabyAI.
+    tiles = torch.randint(0, 4, (n, t, 4, 4), generator=g)
+    palette = torch.tensor([[0, 0, 0], [255, 0, 0], [0, 255, 0], [100, 100, 100]], dtype=torch.uint8)
+    img = palette[tiles]  # [n, t, 4, 4, 3]
+    return img.repeat_interleave(8, 2).repeat_interleave(8, 3)  # [n, t, 32, 32, 3]
+
+
+def _fit(model, loss_fn, steps, lr=3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    first = None
+    for _ in range(steps):
+        loss, _ = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = float(loss) if first is None else first
+    return first, float(loss_fn()[0])
+
+
+def test_tiny_models_overfit_one_batch():
+    torch.manual_seed(0)
+    frames = _frames()
+    tok = VideoTokenizer(32, 8, 32, 4, 1, 1, "8,5,5,5")
+    first, last = _fit(tok, lambda: tok.loss(frames), 150)
+    assert last < first * 0.1, (first, last)
+
+    lam = LatentActionModel(32, 8, 32, 4, 1, 1, num_actions=4)
+    first, last = _fit(lam, lambda: lam.loss(frames), 100)
+    assert last < first * 0.5, (first, last)
+
+    dyn = DynamicsModel(50, 16, 4, 32, 4, 2)
+    ids = torch.randint(0, 50, (2, 4, 16))
+    actions = torch.randint(0, 4, (2, 3))
+    gen = torch.Generator().manual_seed(0)
+    first, last = _fit(dyn, lambda: dyn.loss(ids, actions, gen), 150)
+    assert last < first * 0.3, (first, last)
+
+    vocab = Vocabulary.from_texts(["go to the red ball", "go to the blue key"])
+    text = vocab.encode_batch(["go to the red ball", "go to the blue key"], 8)
+    heads = RewardHead(len(vocab), 8, 50, 16, 32, 4, 1)
+    first, last = _fit(heads, lambda: heads.loss(text, ids[:, 1], torch.tensor([0.0, 0.9]), torch.tensor([False, True])), 80)
+    assert last < first * 0.3, (first, last)
+
+    prior = PromptPrior(len(vocab), 8, 50, 16, 32, 4, 1)
+    first, last = _fit(prior, lambda: prior.loss(text, ids[:, 0], gen), 150)
+    assert last < first * 0.3, (first, last)
+    out = prior.generate(text, steps=4, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 16) and (out < 50).all()
+
+
+def test_vocabulary_refuses_unknown_words():
+    vocab = Vocabulary.from_texts(["go to the red ball"])
+    assert vocab.encode("Go to the RED ball!", 6)[:5] == [vocab.index[w] for w in ["go", "to", "the", "red", "ball"]]
+    with pytest.raises(UnknownWordsError, match=r"unknown words \['a', 'castle', 'lava'\]; the vocabulary is: ball go red the to"):
+        vocab.encode("a lava castle", 6)
+
+
+def test_action_adapter_maps_both_ways():
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 3, 300)
+    latent = np.array([5, 2, 7])[real]
+    latent[:10] = 0  # a little noise
+    changed = real != 2
+    changed[:5] = True
+    adapter = ActionAdapter.fit(real, latent, changed, num_real=4, num_latent=8, max_transitions=200)
+    assert adapter.num_labelled <= 200
+    assert list(adapter.latent_to_real(np.array([5, 2]))) == [0, 1]
+    assert adapter.real_to_latent(np.array([3]))[0] == adapter.noop_latent == 7
+    assert adapter.accuracy(real[200:], latent[200:], changed[200:]) == 1.0
+    again = ActionAdapter.from_json(adapter.to_json())
+    assert np.array_equal(again.counts, adapter.counts)
+
+
+def test_psnr_and_ssim():
+    a = torch.rand(3, 16, 16, 3)
+    assert torch.all(psnr(a, a) == 100.0)
+    assert torch.allclose(ssim(a, a), torch.ones(3), atol=1e-5)
+    noisy = (a + 0.1 * torch.randn_like(a)).clamp(0, 1)
+    assert 15 < float(psnr(noisy, a).mean()) < 25
+    # A constant shift leaves the structure terms at 1: SSIM is the luminance term alone.
+    x, y = torch.full((1, 16, 16, 3), 0.4), torch.full((1, 16, 16, 3), 0.6)
+    mx, my, c1 = 0.4, 0.6, 0.01 ** 2
+    expected = (2 * mx * my + c1) / (mx ** 2 + my ** 2 + c1)
+    assert abs(float(ssim(y, x)) - expected) < 1e-4  # float32 variance rounding
+    flat = torch.full((2, 16, 16, 3), 0.5)
+    assert float(ssim((flat + 0.1 * torch.randn_like(flat)).clamp(0, 1), flat).mean()) < 0.2
+    assert psnr(torch.zeros(1, 2, 2, 3), torch.ones(1, 2, 2, 3)).item() == 0.0
