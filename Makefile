@@ -4,7 +4,7 @@
 PY := .venv/bin/python
 DEMO_OUT ?= runs/demo-data
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench world-tiny clean
 setup:
 	@bash scripts/setup_env.sh
 
@@ -13,11 +13,18 @@ demo: setup
 	    --policy mixed --epsilon 0.2 --workers 2 --seed 0 --out $(DEMO_OUT)
 	$(PY) -m pipelines.cli info --data $(DEMO_OUT)
 
+# Collect 3000 BabyAI GoToLocal episodes and pretrain the tiny world model (about 15 min on 2 cores).
+world-tiny: setup
+	$(PY) -m pipelines.cli collect --source babyai:BabyAI-GoToLocal-v0 --episodes 3000 --policy mixed \
+	    --epsilon 0.3 --episodes-per-shard 100 --workers 2 --seed 0 --out runs/gotolocal-3k
+	$(PY) -m pipelines.cli pretrain --data runs/gotolocal-3k --out runs/world-tiny --preset tiny
+
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/collect.py
+	$(PY) bench/world_model.py
 
 clean:
 	rm -rf runs .pytest_cache

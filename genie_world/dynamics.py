@@ -20,15 +20,17 @@ from .st_transformer import KVCache, STTransformer
 
 class DynamicsModel(nn.Module):
     def __init__(self, vocab_size: int, num_patches: int, num_actions: int, width: int, heads: int, depth: int,
-                 qk_norm: bool = False, mask_low: float = 0.5, mask_high: float = 1.0):
+                 qk_norm: bool = False, mask_low: float = 0.5, mask_high: float = 1.0, change_weight: float = 1.0,
+                 spatial_rope: bool = False):
         super().__init__()
         self.vocab_size, self.num_patches, self.num_actions = vocab_size, num_patches, num_actions
         self.mask_id = vocab_size
         self.mask_low, self.mask_high = mask_low, mask_high
+        self.change_weight = change_weight
         self.tok_embed = nn.Embedding(vocab_size + 1, width)
         self.pos = nn.Parameter(torch.randn(num_patches, width) * 0.02)
         self.action_embed = nn.Embedding(num_actions + 1, width)  # index num_actions = "no action"
-        self.transformer = STTransformer(width, heads, depth, qk_norm)
+        self.transformer = STTransformer(width, heads, depth, qk_norm, spatial_rope)
         self.head = nn.Linear(width, vocab_size)
 
     def _cond(self, actions: torch.Tensor, with_first: bool) -> torch.Tensor:
@@ -47,9 +49,17 @@ class DynamicsModel(nn.Module):
         mask = random_mask((b, t, p), self.mask_low, self.mask_high, generator, ids.device)
         mask[:, 0] = False  # frame 0 is always given (the prompt / the real first frame)
         logits = self(torch.where(mask, self.mask_id, ids), actions)
-        loss = F.cross_entropy(logits[mask], ids[mask])
-        acc = (logits[mask].argmax(-1) == ids[mask]).float().mean()
-        return loss, {"loss": _item(loss), "masked_token_acc": _item(acc)}
+        # Most tokens never change (floor, walls); weighting the ones that did change from the
+        # previous frame spends the model's capacity on what the actions do.
+        changed = torch.zeros_like(mask)
+        changed[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        weight = 1.0 + (self.change_weight - 1.0) * changed[mask].float()
+        ce = F.cross_entropy(logits[mask], ids[mask], reduction="none")
+        loss = (weight * ce).sum() / weight.sum()
+        hit = logits[mask].argmax(-1) == ids[mask]
+        acc = hit.float().mean()
+        changed_acc = hit[changed[mask]].float().mean() if changed[mask].any() else torch.tensor(float("nan"))
+        return loss, {"loss": _item(loss), "masked_token_acc": _item(acc), "changed_token_acc": _item(changed_acc)}
 
     # --- generation with a KV cache -------------------------------------------------------
     def new_cache(self, max_frames: int | None = None) -> KVCache:

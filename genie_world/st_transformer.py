@@ -2,7 +2,8 @@
 patch position, SwiGLU MLP, RMSNorm, optional QK-norm. All attention goes through SDPA.
 
 Temporal positions use rotary embeddings, so a sliding-window KV cache keeps relative positions:
-generating frame t costs the same whatever t is.
+generating frame t costs the same whatever t is. Spatial attention can use 2-D rotary embeddings
+(``spatial_rope``), which makes "the neighbouring tile" a relation the model sees directly.
 """
 
 from __future__ import annotations
@@ -71,10 +72,29 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(n, t, h * dh))
 
 
+def rotary_2d(x: torch.Tensor, side: int) -> torch.Tensor:
+    """2-D rotary embedding for a row-major side x side patch grid: half the channels rotate with the
+    row, half with the column, so attention scores depend on relative (dy, dx)."""
+    p = x.shape[-2]
+    idx = torch.arange(p, device=x.device)
+    half = (x.shape[-1] // 4) * 2  # an even number of channels per axis
+    rows = rotary(x[..., :half], idx // side)
+    cols = rotary(x[..., half:2 * half], idx % side)
+    return torch.cat([rows, cols, x[..., 2 * half:]], dim=-1)
+
+
 class SpatialAttention(Attention):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False, rope: bool = False):
+        super().__init__(dim, heads, qk_norm)
+        self.rope = rope
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, p, d = x.shape
         q, k, v = self.project(x.reshape(b * t, p, d))  # [B*T, H, P, dh]
+        if self.rope:
+            side = int(round(p ** 0.5))
+            if side * side == p:
+                q, k = rotary_2d(q, side), rotary_2d(k, side)
         y = F.scaled_dot_product_attention(q, k, v)
         return self.merge(y).view(b, t, p, d)
 
@@ -124,10 +144,10 @@ class TemporalAttention(Attention):
 
 
 class STBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, qk_norm: bool = False, causal_time: bool = True):
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False, spatial_rope: bool = False):
         super().__init__()
         self.norm_s, self.norm_t, self.norm_m = RMSNorm(dim), RMSNorm(dim), RMSNorm(dim)
-        self.spatial = SpatialAttention(dim, heads, qk_norm)
+        self.spatial = SpatialAttention(dim, heads, qk_norm, spatial_rope)
         self.temporal = TemporalAttention(dim, heads, qk_norm)
         self.mlp = SwiGLU(dim)
 
@@ -142,9 +162,9 @@ class STBlock(nn.Module):
 class STTransformer(nn.Module):
     """A stack of STBlocks over [B, T, P, D]; ``cond`` [B, T, D] is added before every block."""
 
-    def __init__(self, dim: int, heads: int, depth: int, qk_norm: bool = False):
+    def __init__(self, dim: int, heads: int, depth: int, qk_norm: bool = False, spatial_rope: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList(STBlock(dim, heads, qk_norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(STBlock(dim, heads, qk_norm, spatial_rope) for _ in range(depth))
         self.norm = RMSNorm(dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,6 +20,21 @@ def _cmd_collect(args) -> int:
     return 0
 
 
+def _cmd_pretrain(args) -> int:
+    import dataclasses
+
+    from genie_world.config import WorldModelConfig
+
+    from .pretrain import PretrainArgs, pretrain
+
+    run_args = config_from_args(PretrainArgs, args)
+    cfg_fields = {f.name for f in dataclasses.fields(WorldModelConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in cfg_fields}
+    result = pretrain(run_args, overrides)
+    print(json.dumps({"run": result["run"], "metrics": result["metrics"]}))
+    return 0
+
+
 def _print_table(d: dict) -> None:
     width = max(len(k) for k in d)
     for k, v in d.items():
@@ -56,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("collect", help="collect real game video into HDF5 shards + a Parquet manifest")
     add_config_arguments(p, CollectConfig, required=("source", "out"))
     p.set_defaults(func=_cmd_collect)
+
+    from genie_world.config import WorldModelConfig
+
+    from .pretrain import PretrainArgs
+
+    p = sub.add_parser("pretrain", help="train the world model (tokenizer, latent actions, dynamics, heads, prior)")
+    add_config_arguments(p, PretrainArgs, required=("data", "out"))
+    group = p.add_argument_group("world-model config (override any field of the preset)")
+    add_config_arguments(group, WorldModelConfig)
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("info", help="show installed versions and summarise a data directory")
     p.add_argument("--data", help="a directory written by `genie-sima collect`")

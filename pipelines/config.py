@@ -49,8 +49,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, required: tuple[s
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if tp is bool:
-            kwargs["type"] = _parse_bool
-            kwargs["metavar"] = "BOOL"
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif tp in (int, float, str):
             kwargs["type"] = tp
         else:

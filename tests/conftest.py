@@ -27,6 +27,19 @@ def run_collect(out: Path, **overrides) -> dict:
     return collect(CollectConfig(**fields), log=lambda msg: None)
 
 
+def kill_process_tree(proc) -> None:
+    """SIGKILL a subprocess and everything it started (a local Ray's raylet, workers, ...)."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    for p in root.children(recursive=True) + [root]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
 def shard_digests(data_dir: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(data_dir).glob("shard_*.h5"))}
 

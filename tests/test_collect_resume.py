@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from pipelines.data.manifest import read_manifest
-from tests.conftest import run_collect, shard_digests
+from tests.conftest import kill_process_tree, run_collect, shard_digests
 
 # Pong with long episodes: each shard takes long enough to be caught half-written.
 SLOW = dict(source="atari:Pong", episodes=4, policy="random", episodes_per_shard=1, max_steps=600)
@@ -84,13 +84,7 @@ def test_driver_killed_mid_shard_resumes(ray_local, tmp_path, clean_slow):
         _wait_for(lambda: (out / "shard_00000.h5").exists() and _pids_holding_temp(out), 120,
                   "one complete shard and one half-written")
     finally:
-        family = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait(timeout=30)
+        kill_process_tree(proc)
     assert not (out / "manifest.parquet").exists()
     assert len(list(out.glob("shard_*.h5"))) < 4
     assert list(out.glob(".*.tmp-*")), "expected the killed writer's partial temp file"

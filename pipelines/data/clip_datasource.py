@@ -56,11 +56,12 @@ def _read_clips(data_dir: str, shard: str, refs: list[ClipRef], clip_len: int, r
 class ClipDatasource(Datasource):
     """Clips of ``clip_len`` frames from a collected data directory (see ``clip_dataset``)."""
 
-    def __init__(self, data_dir, clip_len: int, split: str | None = "train", stride: int = 1, rows_per_block: int = 64):
+    def __init__(self, data_dir, clip_len: int, split: str | None = "train", stride: int = 1, rows_per_block: int = 64,
+                 first_only: bool = False):
         self.data_dir = str(Path(data_dir))
         self.clip_len = clip_len
         self.rows_per_block = rows_per_block
-        self.refs = build_clip_index(Path(data_dir), clip_len, split, stride)
+        self.refs = build_clip_index(Path(data_dir), clip_len, split, stride, first_only)
         self.frame_size = 0
         for shard in sorted({r.shard for r in self.refs}):
             self.frame_size = validate_shard(Path(data_dir) / shard)["frame_size"]
@@ -97,7 +98,7 @@ class ClipDatasource(Datasource):
 
 def clip_dataset(data_dir, clip_len: int, split: str | None = "train", stride: int = 1,
                  shuffle_blocks_seed: int | None = None, rows_per_block: int = 64,
-                 columns: list[str] | None = None):
+                 columns: list[str] | None = None, first_only: bool = False):
     """A streaming ``ray.data.Dataset`` of clips (columns: ``CLIP_COLUMNS`` or ``columns``).
 
     Shuffle at iteration time with a buffer, e.g.
@@ -107,7 +108,7 @@ def clip_dataset(data_dir, clip_len: int, split: str | None = "train", stride: i
     """
     import ray.data
 
-    ds = ray.data.read_datasource(ClipDatasource(data_dir, clip_len, split, stride, rows_per_block))
+    ds = ray.data.read_datasource(ClipDatasource(data_dir, clip_len, split, stride, rows_per_block, first_only))
     if columns is not None:
         unknown = [c for c in columns if c not in CLIP_COLUMNS]
         if unknown:

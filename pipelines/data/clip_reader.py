@@ -17,10 +17,10 @@ class ClipReader:
     (entry t takes frame t to t+1), ``mission`` str, ``episode_key`` str, ``start`` int.
     """
 
-    def __init__(self, data_dir, clip_len: int, split: str | None = "train", stride: int = 1):
+    def __init__(self, data_dir, clip_len: int, split: str | None = "train", stride: int = 1, first_only: bool = False):
         self.data_dir = Path(data_dir)
         self.clip_len = clip_len
-        self.refs = build_clip_index(self.data_dir, clip_len, split, stride)
+        self.refs = build_clip_index(self.data_dir, clip_len, split, stride, first_only)
         for shard in sorted({r.shard for r in self.refs}):
             validate_shard(self.data_dir / shard)
         self._files: dict[str, object] = {}

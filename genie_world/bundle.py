@@ -1,0 +1,175 @@
+"""World bundle: one directory per run with every part's weights, config, vocabulary, adapter,
+metrics and provenance, under a schema version.
+
+    RUN/bundle.json              format, schema_version, parts {name: file, sha256, params}, provenance
+    RUN/config.json              the resolved WorldModelConfig
+    RUN/<part>.safetensors       tokenizer, latent_actions, dynamics, reward_head, prompt_prior
+    RUN/vocab.json               mission/prompt vocabulary
+    RUN/action_adapter.json      real <-> latent action table
+    RUN/metrics.json             the evaluation table
+
+``load_bundle`` refuses, naming the file and the problem, a bundle of another schema, a missing or
+altered part, or weights that do not fit the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .action_adapter import ActionAdapter
+from .build import PART_NAMES, build_part
+from .config import WorldModelConfig
+from .text_encoder import Vocabulary
+
+FORMAT = "genie-sima-world-bundle"
+SCHEMA_VERSION = 1
+
+
+class BundleError(ValueError):
+    def __init__(self, path, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"world bundle {self.path}: {problem}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    import os
+    import uuid
+
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(path: Path, obj) -> None:
+    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def read_manifest_json(run: Path) -> dict:
+    path = Path(run) / "bundle.json"
+    if not path.exists():
+        return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "parts": {}, "provenance": {}}
+    return json.loads(path.read_text())
+
+
+def save_part(run: Path, name: str, model: torch.nn.Module) -> None:
+    """Write one part's weights atomically and record it (with its hash) in bundle.json."""
+    run = Path(run)
+    if name not in PART_NAMES:
+        raise ValueError(f"unknown part {name!r}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    path = run / f"{name}.safetensors"
+    _write_atomic(path, lambda p: save_file(state, str(p), metadata={"part": name, "schema_version": str(SCHEMA_VERSION)}))
+    meta = read_manifest_json(run)
+    meta["parts"][name] = {"file": path.name, "sha256": _sha256(path),
+                           "params": int(sum(v.numel() for v in state.values()))}
+    _write_json(run / "bundle.json", meta)
+
+
+def save_json(run: Path, name: str, obj) -> None:
+    _write_json(Path(run) / name, obj)
+
+
+def update_bundle_meta(run: Path, **fields) -> None:
+    meta = read_manifest_json(run)
+    meta.update(fields)
+    _write_json(Path(run) / "bundle.json", meta)
+
+
+@dataclass
+class WorldBundle:
+    path: Path
+    config: WorldModelConfig
+    vocab: Vocabulary | None
+    adapter: ActionAdapter | None
+    parts: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __getattr__(self, name):
+        parts = self.__dict__.get("parts", {})
+        if name in parts:
+            return parts[name]
+        raise AttributeError(name)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies these exact weights: level files record it and are refused by other bundles."""
+        h = hashlib.sha256()
+        for name in sorted(self.meta.get("parts", {})):
+            h.update(f"{name}:{self.meta['parts'][name]['sha256']};".encode())
+        return h.hexdigest()[:16]
+
+
+def load_bundle(run, parts=PART_NAMES, device: str | torch.device = "cpu", verify_hashes: bool = True) -> WorldBundle:
+    run = Path(run)
+    meta_path = run / "bundle.json"
+    if not meta_path.exists():
+        raise BundleError(run, "bundle.json does not exist (is this a `genie-sima pretrain --out` directory?)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as e:
+        raise BundleError(meta_path, f"not valid JSON ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise BundleError(meta_path, f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(meta_path, f"schema_version is {meta.get('schema_version')!r}, this genie-sima reads "
+                                     f"schema_version {SCHEMA_VERSION}; re-run pretraining with this version")
+    cfg_path = run / "config.json"
+    if not cfg_path.exists():
+        raise BundleError(run, "config.json is missing")
+    cfg_dict = json.loads(cfg_path.read_text())["config"]
+    known = {f.name for f in dataclasses.fields(WorldModelConfig)}
+    extra = sorted(set(cfg_dict) - known)
+    if extra:
+        raise BundleError(cfg_path, f"unknown config fields {extra} (written by another genie-sima version?)")
+    cfg = WorldModelConfig(**cfg_dict)
+    vocab = Vocabulary.from_json(json.loads((run / "vocab.json").read_text())) if (run / "vocab.json").exists() else None
+    adapter_path = run / "action_adapter.json"
+    adapter = ActionAdapter.from_json(json.loads(adapter_path.read_text())) if adapter_path.exists() else None
+    bundle = WorldBundle(run, cfg, vocab, adapter, meta=meta)
+    if (run / "metrics.json").exists():
+        bundle.metrics = json.loads((run / "metrics.json").read_text())
+    for name in parts:
+        info = meta.get("parts", {}).get(name)
+        if info is None:
+            raise BundleError(run, f"part {name!r} is missing (bundle has {sorted(meta.get('parts', {}))}); "
+                                   f"run `genie-sima pretrain` for its stage")
+        path = run / info["file"]
+        if not path.exists():
+            raise BundleError(path, f"weights file of part {name!r} does not exist")
+        if verify_hashes and _sha256(path) != info["sha256"]:
+            raise BundleError(path, f"sha256 does not match bundle.json: the weights of part {name!r} were altered")
+        if name in ("reward_head", "prompt_prior") and vocab is None:
+            raise BundleError(run, "vocab.json is missing")
+        model = build_part(name, cfg, len(vocab) if vocab else 0)
+        try:
+            state = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise BundleError(path, f"cannot be read as safetensors ({e})") from e
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise BundleError(path, f"weights of part {name!r} do not match config.json: {str(e).splitlines()[0]} "
+                                    f"({str(e).count('size mismatch')} size mismatches)") from e
+        bundle.parts[name] = model.to(device).eval()
+    return bundle

@@ -1,0 +1,156 @@
+"""WorldModelConfig: one flat typed config (every field a CLI flag) with named presets.
+
+``tiny`` trains all stages on 2 CPU cores in minutes (BabyAI 64x64, patch 8: one token per tile);
+``base`` is the GPU size; ``micro`` exists for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .fsq import parse_levels
+from .maskgit import SCHEDULES
+
+STAGES = ("tokenizer", "actions", "dynamics", "heads", "prior")
+
+
+def _f(default, help_text, **extra):
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass
+class WorldModelConfig:
+    # data
+    frame_size: int = _f(64, "frame size in pixels (must match the data)")
+    patch: int = _f(8, "patch size; 8 at 64x64 is one token per BabyAI tile")
+    tok_clip_len: int = _f(2, "frames per clip for tokenizer training")
+    lam_clip_len: int = _f(2, "frames per clip for latent-action training")
+    dyn_clip_len: int = _f(4, "frames per clip for dynamics training")
+    shuffle_buffer: int = _f(256, "Ray Data local shuffle buffer (clips)")
+    qk_norm: bool = _f(True, "RMSNorm on queries and keys")
+    # tokenizer
+    tok_width: int = _f(64, "tokenizer width")
+    tok_heads: int = _f(4, "tokenizer attention heads")
+    tok_enc_blocks: int = _f(2, "tokenizer encoder ST blocks")
+    tok_dec_blocks: int = _f(2, "tokenizer decoder ST blocks")
+    fsq_levels: str = _f("8,5,5,5", "FSQ levels per channel (codebook = product)")
+    # latent action model
+    lam_width: int = _f(64, "latent action model width")
+    lam_heads: int = _f(4, "latent action model heads")
+    lam_enc_blocks: int = _f(2, "latent action encoder ST blocks")
+    lam_dec_blocks: int = _f(2, "latent action decoder ST blocks")
+    num_latent_actions: int = _f(8, "number of discrete latent actions |A|")
+    lam_entropy_weight: float = _f(0.05, "bonus on the entropy of the batch-mean latent-action distribution")
+    lam_sample_entropy_weight: float = _f(0.005, "penalty on per-sample latent-action entropy")
+    lam_change_weight: float = _f(100.0, "loss weight on pixels that change between frames")
+    lam_gumbel: bool = _f(True, "Gumbel-noised latent choices while training (lets merged actions split)")
+    # dynamics
+    dyn_width: int = _f(64, "dynamics width")
+    dyn_heads: int = _f(4, "dynamics heads")
+    dyn_blocks: int = _f(4, "dynamics ST blocks")
+    dyn_spatial_rope: bool = _f(True, "2-D rotary positions in the dynamics' spatial attention")
+    maskgit_steps: int = _f(8, "MaskGIT decoding steps per generated frame")
+    maskgit_temperature: float = _f(0.0, "MaskGIT sampling temperature for world steps (0 = greedy; games are near-deterministic)")
+    maskgit_schedule: str = _f("cosine", "MaskGIT unmasking schedule", choices=SCHEDULES)
+    context_frames: int = _f(16, "temporal context kept in the KV cache at generation time")
+    # reward/termination head and prompt prior
+    text_max_len: int = _f(16, "max words in a mission/prompt")
+    head_width: int = _f(64, "reward/termination head width")
+    head_heads: int = _f(4, "reward/termination head heads")
+    head_blocks: int = _f(2, "reward/termination head blocks")
+    prior_width: int = _f(64, "prompt prior width")
+    prior_heads: int = _f(4, "prompt prior heads")
+    prior_blocks: int = _f(3, "prompt prior blocks")
+    prior_maskgit_steps: int = _f(8, "MaskGIT steps when generating a first frame from a prompt")
+    prior_temperature: float = _f(1.0, "MaskGIT temperature for prompt levels (> 0: one prompt, many levels)")
+    # optimisation
+    tok_batch: int = _f(16, "tokenizer clips per step (per worker)")
+    lam_batch: int = _f(32, "latent-action clips per step (per worker)")
+    dyn_batch: int = _f(16, "dynamics clips per step (per worker)")
+    head_batch: int = _f(64, "reward-head transitions per step (per worker)")
+    prior_batch: int = _f(32, "prompt-prior first frames per step (per worker)")
+    lr: float = _f(2e-3, "peak AdamW learning rate")
+    min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of lr")
+    warmup_steps: int = _f(50, "linear warmup steps")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "gradient norm clip")
+    tok_steps: int = _f(600, "tokenizer training steps")
+    lam_steps: int = _f(650, "latent action model training steps")
+    dyn_steps: int = _f(800, "dynamics training steps")
+    head_steps: int = _f(300, "reward/termination head training steps")
+    prior_steps: int = _f(300, "prompt prior training steps")
+    log_every: int = _f(50, "steps between metric reports")
+    checkpoint_every: int = _f(200, "steps between Ray Train checkpoints")
+    image_every: int = _f(400, "steps between image grids in TensorBoard/wandb")
+    # evaluation
+    eval_clips: int = _f(128, "held-out clips per metric")
+    adapter_transitions: int = _f(200, "labelled transitions used to fit the action adapter")
+    # runtime
+    threads: int = _f(0, "torch CPU threads per worker (0: all cores)")
+    bf16: bool = _f(True, "bf16 autocast on GPU (ignored on CPU)")
+    compile: bool = _f(False, "torch.compile the model on GPU")
+    seed: int = _f(0, "random seed")
+
+    def steps_for(self, stage: str) -> int:
+        return {"tokenizer": self.tok_steps, "actions": self.lam_steps, "dynamics": self.dyn_steps,
+                "heads": self.head_steps, "prior": self.prior_steps}[stage]
+
+    def batch_for(self, stage: str) -> int:
+        return {"tokenizer": self.tok_batch, "actions": self.lam_batch, "dynamics": self.dyn_batch,
+                "heads": self.head_batch, "prior": self.prior_batch}[stage]
+
+    def validate(self) -> None:
+        problems = []
+        if self.frame_size % self.patch:
+            problems.append(f"frame_size {self.frame_size} is not divisible by patch {self.patch}")
+        try:
+            parse_levels(self.fsq_levels)
+        except ValueError as e:
+            problems.append(str(e))
+        for name in ("tok", "lam", "dyn", "head", "prior"):
+            w, h = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
+            if w % h:
+                problems.append(f"{name}_width {w} is not divisible by {name}_heads {h}")
+        if min(self.tok_clip_len, self.lam_clip_len, self.dyn_clip_len) < 2:
+            problems.append("tok_clip_len, lam_clip_len and dyn_clip_len must be >= 2")
+        if self.maskgit_schedule not in SCHEDULES:
+            problems.append(f"maskgit_schedule {self.maskgit_schedule!r}: expected one of {SCHEDULES}")
+        if self.num_latent_actions < 2:
+            problems.append("num_latent_actions must be >= 2")
+        if problems:
+            raise WorldConfigError("; ".join(problems))
+
+
+class WorldConfigError(ValueError):
+    pass
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": {},
+    "micro": dict(tok_width=32, tok_enc_blocks=1, tok_dec_blocks=1, lam_width=32, lam_enc_blocks=1,
+                  lam_dec_blocks=1, dyn_width=32, dyn_blocks=2, head_width=32, head_blocks=1, prior_width=32,
+                  prior_blocks=1, tok_batch=4, lam_batch=4, dyn_batch=4, head_batch=8,
+                  prior_batch=8, tok_steps=20, lam_steps=20, dyn_steps=20, head_steps=10,
+                  prior_steps=10, log_every=5, checkpoint_every=10, image_every=10, eval_clips=16,
+                  maskgit_steps=4, prior_maskgit_steps=4, shuffle_buffer=32, warmup_steps=5),
+    "base": dict(patch=4, tok_clip_len=4, lam_clip_len=4, dyn_clip_len=16, tok_width=256, tok_heads=8, tok_enc_blocks=4,
+                 tok_dec_blocks=4, lam_width=256, lam_heads=8, lam_enc_blocks=4, lam_dec_blocks=4,
+                 dyn_width=512, dyn_heads=8, dyn_blocks=12, head_width=128, prior_width=256, prior_heads=8,
+                 prior_blocks=6, tok_batch=64, lam_batch=64, dyn_batch=32, head_batch=256, prior_batch=128, lr=3e-4, warmup_steps=500, tok_steps=20000, lam_steps=20000,
+                 dyn_steps=40000, head_steps=5000, prior_steps=10000, maskgit_steps=10, log_every=100,
+                 checkpoint_every=1000, image_every=2000, eval_clips=512, shuffle_buffer=2048),
+}
+
+
+def resolve_config(preset: str = "tiny", overrides: dict | None = None) -> WorldModelConfig:
+    if preset not in PRESETS:
+        raise WorldConfigError(f"preset {preset!r}: expected one of {sorted(PRESETS)}")
+    values = {**PRESETS[preset], **(overrides or {})}
+    known = {f.name for f in dataclasses.fields(WorldModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise WorldConfigError(f"unknown config fields {unknown}")
+    cfg = WorldModelConfig(**values)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,114 @@
+"""collect -> pretrain (micro, all stages, real Ray Train + Ray Data) -> bundle loads -> metrics table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from genie_world.build import PART_NAMES
+from genie_world.bundle import load_bundle
+from pipelines.errors import ConfigError
+from pipelines.pretrain import PretrainArgs, pretrain
+from tests.conftest import kill_process_tree, run_collect
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_data(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain_data")
+    run_collect(out, episodes=60, policy="mixed", epsilon=0.3, episodes_per_shard=20, val_fraction=0.25)
+    return out
+
+
+def _events(run):
+    path = run / "logs" / "pretrain_events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_pretrain_all_stages_writes_a_loadable_bundle(small_data, tmp_path):
+    run = tmp_path / "run"
+    result = pretrain(PretrainArgs(data=str(small_data), out=str(run), preset="micro", wandb="offline"),
+                      log=lambda m: None)
+    bundle = load_bundle(run)
+    assert set(bundle.parts) == set(PART_NAMES)
+    m = json.loads((run / "metrics.json").read_text())
+    for key in ("tokenizer_psnr_db", "tokenizer_ssim", "next_frame_psnr_db", "copy_last_psnr_db", "dt_psnr_t4_db",
+                "action_mapping_accuracy", "termination_accuracy", "reward_mae", "prior_distinct_levels_of_8"):
+        assert key in m, key
+    assert "| next_frame_psnr_db" in result["table"] and "| copy_last_psnr_db" in result["table"]
+    assert m["adapter_labelled_transitions"] <= 200
+    meta = json.loads((run / "bundle.json").read_text())
+    assert meta["provenance"]["episodes"] == 60 and meta["metrics"]["eval_clips"] > 0
+    assert bundle.adapter is not None and bundle.adapter.num_real == 7
+    # Logging: TensorBoard event files and an offline wandb run per stage.
+    assert list((run / "tensorboard").glob("*-tokenizer/events.out.tfevents.*"))
+    assert list((run / "wandb").glob("offline-run-*"))
+    assert [e["stage"] for e in _events(run) if e["event"] == "finished"] == ["tokenizer", "actions", "dynamics", "heads", "prior"]
+    # Re-running the finished command trains nothing again.
+    again = pretrain(PretrainArgs(data=str(small_data), out=str(run), preset="micro", wandb="disabled"),
+                     log=lambda m: None)
+    assert len([e for e in _events(run) if e["event"] == "started"]) == 5
+    assert again["metrics"]["tokenizer_psnr_db"] == m["tokenizer_psnr_db"]
+
+
+def test_changed_config_for_existing_run_is_refused(small_data, tmp_path):
+    run = tmp_path / "run2"
+    pretrain(PretrainArgs(data=str(small_data), out=str(run), stage="tokenizer", preset="micro", wandb="disabled"),
+             {"tok_steps": 5}, log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"holds a run with another config \(tok_width: 32 -> 48"):
+        pretrain(PretrainArgs(data=str(small_data), out=str(run), stage="tokenizer", preset="micro"),
+                 {"tok_steps": 5, "tok_width": 48}, log=lambda m: None)
+    with pytest.raises(ConfigError, match=r"stage dynamics needs \['latent_actions'\]"):
+        pretrain(PretrainArgs(data=str(small_data), out=str(run), stage="dynamics", preset="micro"),
+                 {"tok_steps": 5}, log=lambda m: None)
+
+
+def test_two_ddp_workers_train_a_stage(small_data, tmp_path):
+    run = tmp_path / "ddp"
+    pretrain(PretrainArgs(data=str(small_data), out=str(run), stage="tokenizer", preset="micro", workers=2,
+                          wandb="disabled"), {"tok_steps": 6}, log=lambda m: None)
+    assert load_bundle(run, parts=("tokenizer",)).tokenizer is not None
+    assert [e["step"] for e in _events(run) if e["event"] == "finished"] == [6]
+
+
+def test_wrong_frame_size_is_refused(small_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"frames are 64x64 but the micro config expects frame_size 32"):
+        pretrain(PretrainArgs(data=str(small_data), out=str(tmp_path / "r"), preset="micro"), {"frame_size": 32},
+                 log=lambda m: None)
+
+
+def test_killed_pretraining_resumes_at_its_checkpoint(small_data, tmp_path):
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "pipelines.cli", "pretrain", "--data", str(small_data), "--out", str(run),
+           "--stage", "tokenizer", "--preset", "micro", "--tok-steps", "400", "--checkpoint-every", "20",
+           "--log-every", "20", "--wandb", "disabled"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    ckpt_dir = run / "ray_train" / "tokenizer"
+    # Ray Train commits a checkpoint when it lists it in checkpoint_manager_snapshot.json; a kill
+    # before that restarts from the previous committed one.
+    snapshot = ckpt_dir / "checkpoint_manager_snapshot.json"
+    try:
+        while time.monotonic() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+            time.sleep(0.05)
+        assert snapshot.exists(), "no checkpoint was committed"
+    finally:
+        kill_process_tree(proc)
+    assert not (run / "tokenizer.safetensors").exists()
+    killed_at = [e for e in _events(run)]
+    assert killed_at and killed_at[-1]["event"] == "started"
+
+    pretrain(PretrainArgs(data=str(small_data), out=str(run), stage="tokenizer", preset="micro", wandb="disabled"),
+             {"tok_steps": 400, "checkpoint_every": 20, "log_every": 20}, log=lambda m: None)
+    events = _events(run)
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert resumed and resumed[0]["step"] >= 20 and resumed[0]["step"] % 20 == 0
+    assert events[-1] == {**events[-1], "event": "finished", "step": 400}
+    assert load_bundle(run, parts=("tokenizer",)).tokenizer is not None
