@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--gen-batch", type=int, default=1, help="envs generated at once")
     ap.add_argument("--context-frames", type=int, default=16, help="KV-cache window (as the World uses)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each model's loss (inductor)")
     args = ap.parse_args()
 
     import torch
@@ -71,6 +72,8 @@ def main() -> None:
 
     def train_step(model, loss_fn):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if args.compile:
+            loss_fn = torch.compile(loss_fn)
 
         def step():
             loss, _ = loss_fn()
@@ -82,7 +85,7 @@ def main() -> None:
 
     ctx = dict(frame_size=fs, patch=p, frames=args.frames, batch=args.batch, width=args.width, heads=args.heads,
                tok_blocks=args.tok_blocks, dyn_blocks=args.dyn_blocks, maskgit_steps=args.maskgit_steps,
-               threads=args.threads, preset="tinyworlds-sized")
+               threads=args.threads, preset="tinyworlds-sized", compiled=args.compile)
     emit("world_model", "tokenizer_train_step_s", _time(train_step(tok, lambda: tok.loss(frames)), args.runs), "s", **ctx)
     emit("world_model", "latent_actions_train_step_s", _time(train_step(lam, lambda: lam.loss(frames)), args.runs), "s", **ctx)
     emit("world_model", "dynamics_train_step_s", _time(train_step(dyn, lambda: dyn.loss(ids, actions, gen)), args.runs), "s", **ctx)

@@ -114,7 +114,7 @@ def _fit(model, loss_fn, steps, lr=3e-3):
         loss.backward()
         opt.step()
         first = loss.item() if first is None else first
-    return first, float(loss_fn()[0])
+    return first, loss_fn()[0].item()
 
 
 def test_tiny_models_overfit_one_batch():
