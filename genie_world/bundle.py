@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .action_adapter import ActionAdapter
+from .atomic_files import write_file_atomic, write_json_atomic
 from .build import PART_NAMES, build_part
 from .config import WorldModelConfig
 from .text_encoder import Vocabulary
@@ -46,25 +47,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, write) -> None:
-    import os
-    import uuid
-
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
-
-
-def read_manifest_json(run: Path) -> dict:
+def read_bundle_meta(run: Path) -> dict:
     path = Path(run) / "bundle.json"
     if not path.exists():
         return {"format": FORMAT, "schema_version": SCHEMA_VERSION, "parts": {}, "provenance": {}}
@@ -78,21 +61,21 @@ def save_part(run: Path, name: str, model: torch.nn.Module) -> None:
         raise ValueError(f"unknown part {name!r}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     path = run / f"{name}.safetensors"
-    _write_atomic(path, lambda p: save_file(state, str(p), metadata={"part": name, "schema_version": str(SCHEMA_VERSION)}))
-    meta = read_manifest_json(run)
+    write_file_atomic(path, lambda p: save_file(state, str(p), metadata={"part": name, "schema_version": str(SCHEMA_VERSION)}))
+    meta = read_bundle_meta(run)
     meta["parts"][name] = {"file": path.name, "sha256": _sha256(path),
                            "params": int(sum(v.numel() for v in state.values()))}
-    _write_json(run / "bundle.json", meta)
+    write_json_atomic(run / "bundle.json", meta)
 
 
 def save_json(run: Path, name: str, obj) -> None:
-    _write_json(Path(run) / name, obj)
+    write_json_atomic(Path(run) / name, obj)
 
 
 def update_bundle_meta(run: Path, **fields) -> None:
-    meta = read_manifest_json(run)
+    meta = read_bundle_meta(run)
     meta.update(fields)
-    _write_json(Path(run) / "bundle.json", meta)
+    write_json_atomic(Path(run) / "bundle.json", meta)
 
 
 @dataclass

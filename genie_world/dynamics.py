@@ -93,6 +93,18 @@ class DynamicsModel(nn.Module):
         return ids
 
     @torch.no_grad()
+    def rollout(self, first_ids: torch.Tensor, actions: torch.Tensor, steps: int, temperature: float,
+                schedule: str = "cosine", generator: torch.Generator | None = None,
+                context_frames: int | None = None) -> torch.Tensor:
+        """From frame-0 ids [B, P], generate one frame per latent action [B, H]; -> ids [B, H+1, P]."""
+        cache = self.new_cache(context_frames)
+        self.prime(cache, first_ids[:, None], None)
+        out = [first_ids]
+        for t in range(actions.shape[1]):
+            out.append(self.generate_next(cache, actions[:, t], steps, temperature, schedule, generator))
+        return torch.stack(out, 1)
+
+    @torch.no_grad()
     def generate_next_uncached(self, context: torch.Tensor, actions: torch.Tensor, steps: int, temperature: float,
                                schedule: str = "cosine", generator: torch.Generator | None = None) -> torch.Tensor:
         """Reference path: re-run the whole history each step. context [B, t, P], actions [B, t]."""

@@ -1,44 +1,18 @@
-"""Write-then-rename helpers so a crash never leaves a half-written file under its final name."""
+"""Atomic-write helpers for pipelines: the shared write-then-rename plus temp cleanup and dir checks."""
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
 from pathlib import Path
 
-TMP_MARK = ".tmp-"
-
-
-def temp_path_for(final: Path) -> Path:
-    """A unique sibling temp name; siblings so the final rename stays on one filesystem."""
-    return final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-
-
-def commit_file(tmp: Path, final: Path) -> None:
-    """fsync ``tmp`` then atomically rename it over ``final`` and fsync the directory."""
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_bytes_atomic(final: Path, data: bytes) -> None:
-    final = Path(final)
-    tmp = temp_path_for(final)
-    try:
-        tmp.write_bytes(data)
-        commit_file(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(final: Path, obj) -> None:
-    write_bytes_atomic(Path(final), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+from genie_world.atomic_files import (  # noqa: F401  (re-exported for pipelines)
+    TMP_MARK,
+    commit_file,
+    temp_path_for,
+    write_bytes_atomic,
+    write_file_atomic,
+    write_json_atomic,
+)
 
 
 def remove_stale_temps(directory: Path, final_name: str) -> int:

@@ -26,15 +26,6 @@ def _unwrap_optional(tp) -> tuple[Any, bool]:
     return tp, False
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, cls, required: tuple[str, ...] = ()) -> None:
     """Add one ``--flag`` per field of dataclass ``cls``; defaults stay on the dataclass."""
     hints = typing.get_type_hints(cls)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from genie_world.bundle import load_bundle, read_manifest_json, save_json, update_bundle_meta
+from genie_world.bundle import load_bundle, read_bundle_meta, save_json, update_bundle_meta
 from genie_world.config import PRESETS, STAGES, WorldConfigError, WorldModelConfig, resolve_config
 from genie_world.text_encoder import Vocabulary
 
@@ -124,13 +124,14 @@ def pretrain(args: PretrainArgs, overrides: dict | None = None, log=None) -> dic
     run = Path(args.out).resolve()
     check_writable_dir(run, "--out")
     _check_resume(run, cfg, facts["manifest_sha256"])
+    versions = software_versions()
     save_json(run, "config.json", {"config": dataclasses.asdict(cfg), "preset": args.preset,
-                                   "data_manifest_sha256": facts["manifest_sha256"], "versions": software_versions()})
+                                   "data_manifest_sha256": facts["manifest_sha256"], "versions": versions})
     vocab = Vocabulary.from_texts(r["mission"] for r in facts["rows"])
     save_json(run, "vocab.json", vocab.to_json())
     update_bundle_meta(run, provenance={
         "data_dir": str(data.resolve()), "manifest_sha256": facts["manifest_sha256"], "source": facts["source"],
-        "episodes": len(facts["rows"]), "action_names": facts["action_names"], "versions": software_versions()})
+        "episodes": len(facts["rows"]), "action_names": facts["action_names"], "versions": versions})
 
     stages = STAGES if args.stage == "all" else (args.stage,)
     started = ensure_ray(args.address)
@@ -138,7 +139,7 @@ def pretrain(args: PretrainArgs, overrides: dict | None = None, log=None) -> dic
     try:
         for stage in stages:
             part, deps = STAGE_PARTS[stage]
-            have = read_manifest_json(run)["parts"]
+            have = read_bundle_meta(run)["parts"]
             if args.stage == "all" and part in have:
                 log(f"pretrain: stage {stage} already in the bundle ({part}); skipping")
                 continue
@@ -147,7 +148,7 @@ def pretrain(args: PretrainArgs, overrides: dict | None = None, log=None) -> dic
                 raise ConfigError(f"stage {stage} needs {missing} in {run}; run those stages first (or --stage all)")
             log(f"pretrain: stage {stage} ({cfg.steps_for(stage)} steps, {args.workers} worker(s))")
             _run_stage(stage, args, cfg, run, log)
-        bundle = load_bundle(run, parts=tuple(read_manifest_json(run)["parts"]))
+        bundle = load_bundle(run, parts=tuple(read_bundle_meta(run)["parts"]))
         from .pretrain_eval import evaluate_bundle, format_metrics_table
 
         metrics, adapter = evaluate_bundle(bundle, data, facts["action_names"], cfg.seed)

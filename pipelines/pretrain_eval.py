@@ -53,19 +53,6 @@ def _stack(clips, key):
     return torch.from_numpy(np.stack([c[key] for c in clips]))
 
 
-@torch.no_grad()
-def _rollout(bundle: WorldBundle, first_ids, actions, generator) -> torch.Tensor:
-    """Generate frames 1..len(actions) from frame-0 ids [B, P] with latent actions [B, H]; -> ids [B, H+1, P]."""
-    dyn, cfg = bundle.dynamics, bundle.config
-    cache = dyn.new_cache(cfg.context_frames)
-    dyn.prime(cache, first_ids[:, None], None)
-    out = [first_ids]
-    for t in range(actions.shape[1]):
-        out.append(dyn.generate_next(cache, actions[:, t], cfg.maskgit_steps, cfg.maskgit_temperature,
-                                     cfg.maskgit_schedule, generator))
-    return torch.stack(out, 1)
-
-
 def _mutual_information_bits(real: np.ndarray, latent: np.ndarray) -> float:
     joint = np.zeros((real.max() + 1, latent.max() + 1))
     np.add.at(joint, (real, latent), 1)
@@ -86,7 +73,7 @@ def evaluate_bundle(bundle: WorldBundle, data_dir, action_names: list[str], seed
     real = frames.float() / 255
     if "tokenizer" in parts:
         tok = parts["tokenizer"]
-        codes, ids = tok.encode(frames)
+        codes, ids = tok.encode(frames)  # ids [N, 5, P] are reused by the dynamics metrics below
         recon = tok.decode_codes(codes).clamp(0, 1)
         m["tokenizer_psnr_db"] = psnr_agg(recon, real)
         m["tokenizer_ssim"] = float(ssim(recon, real).mean())
@@ -119,7 +106,6 @@ def evaluate_bundle(bundle: WorldBundle, data_dir, action_names: list[str], seed
     if {"tokenizer", "latent_actions", "dynamics"} <= set(parts):
         tok, lam = parts["tokenizer"], parts["latent_actions"]
         inferred = lam.infer(frames)  # [N, 4]
-        _, ids = tok.encode(frames)
         # Next frame: real frames 0..3 as context, frame 4 generated.
         dyn = parts["dynamics"]
         cache = dyn.new_cache(cfg.context_frames)
@@ -132,9 +118,13 @@ def evaluate_bundle(bundle: WorldBundle, data_dir, action_names: list[str], seed
         m["copy_last_psnr_db"] = psnr_agg(real[:, HORIZON - 1], real[:, HORIZON])
         m["frames_changed_fraction"] = float((frames[:, HORIZON] != frames[:, HORIZON - 1]).flatten(1).any(1).float().mean())
         # dtPSNR at t=4.
-        roll_inf = tok.decode(_rollout(bundle, ids[:, 0], inferred, g))[:, HORIZON].clamp(0, 1)
-        rand = torch.randint(0, cfg.num_latent_actions, inferred.shape, generator=g)
-        roll_rand = tok.decode(_rollout(bundle, ids[:, 0], rand, g))[:, HORIZON].clamp(0, 1)
+        def rollout(actions):
+            ids_out = dyn.rollout(ids[:, 0], actions, cfg.maskgit_steps, cfg.maskgit_temperature,
+                                  cfg.maskgit_schedule, g, cfg.context_frames)
+            return tok.decode(ids_out)[:, HORIZON].clamp(0, 1)
+
+        roll_inf = rollout(inferred)
+        roll_rand = rollout(torch.randint(0, cfg.num_latent_actions, inferred.shape, generator=g))
         p_inf, p_rand = psnr_agg(roll_inf, real[:, HORIZON]), psnr_agg(roll_rand, real[:, HORIZON])
         m["rollout_psnr_t4_inferred_db"] = p_inf
         m["rollout_psnr_t4_random_db"] = p_rand

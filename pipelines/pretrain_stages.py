@@ -84,14 +84,10 @@ def stage_images(stage: str, model, frozen: dict, batch: dict, vocab, cfg: World
         tok, lam = frozen["tokenizer"], frozen["latent_actions"]
         _, ids = tok.encode(frames)
         actions = lam.infer(frames)
-        cache = model.new_cache()
-        model.prime(cache, ids[:, :1], None)
-        gen = [ids[:, 0]]
         g = torch.Generator(device=ids.device).manual_seed(0)
-        for t in range(actions.shape[1]):
-            gen.append(model.generate_next(cache, actions[:, t], cfg.maskgit_steps, cfg.maskgit_temperature,
-                                           cfg.maskgit_schedule, g))
-        out = tok.decode(torch.stack(gen, 1))  # predicted rollout from the real first frame
+        gen = model.rollout(ids[:, 0], actions, cfg.maskgit_steps, cfg.maskgit_temperature, cfg.maskgit_schedule,
+                            g, cfg.context_frames)
+        out = tok.decode(gen)  # predicted rollout from the real first frame
     elif stage == "prior":
         text = vocab.encode_batch(batch["mission"][:4], cfg.text_max_len).to(frames.device)
         g = torch.Generator(device=frames.device).manual_seed(0)
