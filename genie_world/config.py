@@ -53,7 +53,9 @@ class WorldModelConfig:
     maskgit_steps: int = _f(8, "MaskGIT decoding steps per generated frame")
     maskgit_temperature: float = _f(0.0, "MaskGIT sampling temperature for world steps (0 = greedy; games are near-deterministic)")
     maskgit_schedule: str = _f("cosine", "MaskGIT unmasking schedule", choices=SCHEDULES)
-    context_frames: int = _f(16, "temporal context kept in the KV cache at generation time")
+    context_frames: int = _f(16, "temporal context kept in the KV cache by evaluation rollouts")
+    world_maskgit_steps: int = _f(1, "MaskGIT steps per World step (greedy decoding of these near-deterministic "
+                                     "games gave the same next-frame PSNR at 1 step as at 8: BENCHMARKS.md)")
     # reward/termination head and prompt prior
     text_max_len: int = _f(16, "max words in a mission/prompt")
     head_width: int = _f(64, "reward/termination head width")

@@ -15,6 +15,7 @@ from torch import nn
 from .scalars import item as _item
 
 from .maskgit import maskgit_decode, random_mask
+from .slot_cache import SlotKVCache
 from .st_transformer import KVCache, STTransformer
 
 
@@ -114,3 +115,28 @@ class DynamicsModel(nn.Module):
 
         return maskgit_decode(logits_fn, context.shape[0], self.num_patches, self.mask_id, steps, temperature,
                               schedule, generator, context.device)
+
+    # --- served envs: one slot ring per env (see SlotKVCache) ----------------------------
+    def new_slot_cache(self, num_envs: int, window: int, device=None, dtype=torch.float32) -> SlotKVCache:
+        return self.transformer.new_slot_cache(num_envs, self.num_patches, window, device, dtype)
+
+    @torch.no_grad()
+    def commit_slots(self, cache: SlotKVCache, ids: torch.Tensor, actions: torch.Tensor) -> None:
+        """Make frame ids [B, P], reached by latent ``actions`` [B] (``num_actions`` = episode start),
+        each env's newest history frame."""
+        x = self.tok_embed(ids[:, None]) + self.pos  # [B, 1, P, D]
+        self.transformer.forward_slots(x, cache, cond=self.action_embed(actions)[:, None])
+        cache.commit()
+
+    @torch.no_grad()
+    def generate_slots(self, cache: SlotKVCache, actions: torch.Tensor, steps: int, temperature: float,
+                       schedule: str = "cosine", generator=None) -> torch.Tensor:
+        """Decode each env's next frame ids [B, P] under latent ``actions`` [B]; not committed."""
+        cond = self.action_embed(actions)[:, None]  # [B, 1, D]
+
+        def logits_fn(frame_ids):
+            x = self.tok_embed(frame_ids[:, None]) + self.pos  # [B, 1, P, D]
+            return self.head(self.transformer.forward_slots(x, cache, cond=cond))[:, 0]
+
+        return maskgit_decode(logits_fn, actions.shape[0], self.num_patches, self.mask_id, steps, temperature,
+                              schedule, generator, actions.device)

@@ -30,10 +30,32 @@ def random_mask(shape, low: float, high: float, generator=None, device=None) -> 
     return rank < n_mask
 
 
+Generators = "torch.Generator | list[torch.Generator] | None"
+
+
+def uniform(shape, generator, device=None) -> torch.Tensor:
+    """U[0, 1) noise of ``shape``; with a list of generators, row i comes from generator i, so a
+    row's draws do not depend on which other rows share the batch (served envs, levels)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.rand(shape[1:], generator=g, device=device) for g in generator])
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def _sample(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One id per position from probs [B, P, V]."""
+    b, p, v = probs.shape
+    if isinstance(generator, (list, tuple)):
+        u = uniform((b, p, 1), generator, probs.device)  # inverse CDF, one uniform per position
+        return (probs.cumsum(-1) < u).sum(-1).clamp_max(v - 1)
+    return torch.multinomial(probs.reshape(-1, v), 1, generator=generator).view(b, p)
+
+
 @torch.no_grad()
 def maskgit_decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], batch: int, num_tokens: int, mask_id: int,
                    steps: int, temperature: float, schedule: str = "cosine",
-                   generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+                   generator: Generators = None, device=None) -> torch.Tensor:
     """Fill ``num_tokens`` masked positions in ``steps`` rounds; returns ids [B, P].
 
     Each round samples every masked position, keeps the most confident ones and re-masks the rest;
@@ -43,15 +65,19 @@ def maskgit_decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], batch: int
     masked = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
     for step in range(steps):
         logits = logits_fn(ids).float()  # [B, P, V]
+        last = step == steps - 1
         if temperature > 0:
             probs = (logits / temperature).softmax(-1)
-            sampled = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(batch, num_tokens)
+            sampled = _sample(probs, generator)
+        elif last:  # greedy and nothing left to rank: the softmax over the codebook is not needed
+            ids = torch.where(masked, logits.argmax(-1), ids)
+            break
         else:
             probs = logits.softmax(-1)
             sampled = probs.argmax(-1)
         conf = probs.gather(-1, sampled[..., None]).squeeze(-1).clamp_min(1e-20).log()
         if temperature > 0:
-            u = torch.rand(conf.shape, generator=generator, device=device).clamp(1e-20, 1 - 1e-7)
+            u = uniform(conf.shape, generator, device).clamp(1e-20, 1 - 1e-7)
             conf = conf + temperature * (1 - (step + 1) / steps) * -torch.log(-torch.log(u))
         ids = torch.where(masked, sampled, ids)
         n_still = int(math.floor(num_tokens * masked_fraction(step, steps, schedule))) if step < steps - 1 else 0

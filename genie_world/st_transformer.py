@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .slot_cache import SlotKVCache
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -38,11 +40,12 @@ class SwiGLU(nn.Module):
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs of channels of x [N, H, T, dh] by angles set by ``positions`` [T]."""
+    """Rotate pairs of channels of x [N, H, T, dh] by angles set by ``positions``: [T] (shared by all
+    rows) or [N, 1, T] (one position per row, as served envs are at different steps)."""
     dh = x.shape[-1]
     half = dh // 2
     freqs = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
-    ang = positions.float()[:, None] * freqs[None, :]  # [T, half]
+    ang = positions.float()[..., None] * freqs  # [T, half] or [N, 1, T, half]
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:2 * half]
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -142,6 +145,21 @@ class TemporalAttention(Attention):
         y = self.merge(y).view(b, p, t, d).permute(0, 2, 1, 3)  # [B, T, P, D]
         return y, (k, v)
 
+    def forward_slots(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache: SlotKVCache,
+                      mask: torch.Tensor) -> torch.Tensor:
+        """One new frame per env, x [B, 1, P, D], against the env's slots; writes its keys/values
+        into the env's write slot (overwritten until the frame is committed)."""
+        b, _, p, d = x.shape
+        q, k, v = self.project(x.reshape(b * p, 1, d))  # [B*P, H, 1, dh]
+        pos = cache.step.repeat_interleave(p)  # [B*P]: each env's own episode position
+        q, k = rotary(q, pos[:, None, None]), rotary(k, pos[:, None, None])
+        rows = torch.arange(b * p, device=x.device)
+        slot = cache.write_slot().repeat_interleave(p)
+        k_cache[rows, :, slot] = k[:, :, 0].to(k_cache.dtype)
+        v_cache[rows, :, slot] = v[:, :, 0].to(v_cache.dtype)
+        y = F.scaled_dot_product_attention(q, k_cache.to(q.dtype), v_cache.to(q.dtype), attn_mask=mask)
+        return self.merge(y).view(b, 1, p, d)  # [B*P, 1, D] -> [B, 1, P, D]
+
 
 class STBlock(nn.Module):
     def __init__(self, dim: int, heads: int, qk_norm: bool = False, spatial_rope: bool = False):
@@ -157,6 +175,11 @@ class STBlock(nn.Module):
         x = x + y
         x = x + self.mlp(self.norm_m(x))
         return x, kv
+
+    def forward_slots(self, x, k_cache, v_cache, cache: SlotKVCache, mask):
+        x = x + self.spatial(self.norm_s(x))
+        x = x + self.temporal.forward_slots(self.norm_t(x), k_cache, v_cache, cache, mask)
+        return x + self.mlp(self.norm_m(x))
 
 
 class STTransformer(nn.Module):
@@ -177,6 +200,21 @@ class STTransformer(nn.Module):
 
     def new_cache(self, max_frames: int | None = None) -> KVCache:
         return KVCache([LayerCache() for _ in self.blocks], 0, max_frames)
+
+    def new_slot_cache(self, num_envs: int, num_patches: int, window: int, device=None,
+                       dtype=torch.float32) -> SlotKVCache:
+        att = self.blocks[0].temporal
+        return SlotKVCache.empty(num_envs, num_patches, len(self.blocks), att.heads, att.dh, window, device, dtype)
+
+    def forward_slots(self, x: torch.Tensor, cache: SlotKVCache, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """One new frame per env x [B, 1, P, D] against ``cache`` (see ``SlotKVCache``). The caller
+        commits with ``cache.commit()`` after the pass that carries the frame's final tokens."""
+        mask = cache.attention_mask()
+        for block, k, v in zip(self.blocks, cache.k, cache.v):
+            if cond is not None:
+                x = x + cond[:, :, None, :]
+            x = block.forward_slots(x, k, v, cache, mask)
+        return self.norm(x)
 
     def forward_cached(self, x: torch.Tensor, cache: KVCache, cond: torch.Tensor | None = None,
                        commit: bool = False) -> torch.Tensor:

@@ -13,6 +13,7 @@ from .scalars import item as _item
 
 from .fsq import FSQ
 from .patches import patchify, to_float, unpatchify
+from .slot_cache import SlotKVCache
 from .st_transformer import KVCache, STTransformer
 
 
@@ -56,6 +57,16 @@ class VideoTokenizer(nn.Module):
         """Decode one new frame of ids [B, 1, P] against the decoder's KV cache (and commit it)."""
         h = self.decoder.forward_cached(self.from_code(self.fsq.indices_to_codes(ids)) + self.dec_pos, cache, commit=True)
         return self._pixels(h)
+
+    def new_slot_cache(self, num_envs: int, window: int, device=None, dtype=torch.float32) -> SlotKVCache:
+        return self.decoder.new_slot_cache(num_envs, self.num_patches, window, device, dtype)
+
+    def decode_slots(self, ids: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
+        """Decode each env's new frame ids [B, P] against its decoder history, commit it -> [B, H, W, 3]."""
+        x = self.from_code(self.fsq.indices_to_codes(ids[:, None])) + self.dec_pos  # [B, 1, P, D]
+        h = self.decoder.forward_slots(x, cache)
+        cache.commit()
+        return self._pixels(h)[:, 0]
 
     def loss(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict]:
         target = to_float(frames)

@@ -1,0 +1,217 @@
+"""Gymnasium adapters over imagined worlds.
+
+- ``WorldModelEnv``: one env (a World of 1 in this process, or one env of a WorldModelServer).
+- ``WorldVectorEnv``: N envs whose ``step`` is ONE call to a WorldModelServer (or one batched World
+  step in this process), with gymnasium's next-step autoreset, which RLlib's EnvRunner expects.
+
+Observations are ``{"image": uint8 [H, W, 3], "mission": str}``; actions are Discrete real actions
+(through the bundle's action adapter) unless ``action_type="latent"``. Both are registered as
+``genie-sima/World-v0`` (``gym.make`` / ``gym.make_vec``) when ``genie_world`` is imported.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector.utils import batch_space
+
+from .bundle import WorldBundle, load_bundle
+from .levels import LevelSet, load_levels
+
+MISSION_CHARSET = string.ascii_letters + string.digits + " ,.;:'-"
+MISSION_MAX_LEN = 256
+_BUNDLES: dict[str, WorldBundle] = {}
+
+
+def cached_bundle(bundle) -> WorldBundle:
+    """Load a bundle once per process (many envs of one bundle share its weights)."""
+    if isinstance(bundle, WorldBundle):
+        return bundle
+    key = str(Path(bundle).resolve())
+    if key not in _BUNDLES:
+        _BUNDLES[key] = load_bundle(key)
+    return _BUNDLES[key]
+
+
+def observation_space(frame_shape) -> spaces.Dict:
+    return spaces.Dict({"image": spaces.Box(0, 255, tuple(frame_shape), np.uint8),
+                        "mission": spaces.Text(MISSION_MAX_LEN, charset=MISSION_CHARSET)})
+
+
+def _levels(bundle: WorldBundle, prompt, levels, level_file, num_levels: int, seed: int, mission) -> LevelSet:
+    from .world_builder import WorldBuilder
+
+    if sum(x is not None for x in (prompt, levels, level_file)) != 1:
+        raise ValueError("give exactly one of prompt=, levels= or level_file=")
+    if level_file is not None:
+        return load_levels(level_file, bundle)
+    if levels is not None:
+        return levels
+    return WorldBuilder(bundle).generate(prompt, num_worlds=num_levels, seed=seed, mission=mission)
+
+
+class _Backend:
+    """A block of envs: in-process World, or a client of a WorldModelServer actor."""
+
+    def __init__(self, num_envs, bundle, server, prompt, levels, level_file, num_levels, seed, mission, world_kwargs):
+        self.num_envs, self.server, self.client = num_envs, server, None
+        self.seed, self.started = int(seed), False
+        self.level_args = (prompt, levels, level_file, num_levels, mission)
+        if server is None:
+            from .world import World
+
+            self.bundle = cached_bundle(bundle)
+            self.world_kwargs = world_kwargs
+            self.world = World(self.bundle, num_envs, seed=seed, **world_kwargs)  # validates the kwargs now
+            self.frame_shape, self.num_actions = self.world.frame_shape, self.world.num_actions
+            self.action_names = self.world.action_names
+        else:
+            import ray
+
+            from .world_server import get_world_server
+
+            self.handle = get_world_server(server) if isinstance(server, str) else server
+            info = ray.get(self.handle.info.remote())
+            self.frame_shape, self.num_actions = tuple(info["frame_shape"]), info["num_actions"]
+            self.action_names = info["action_names"]
+
+    def reset(self, seed) -> dict:
+        """``seed`` given: a fresh level pool (and World) from that seed; None: every env's next episode."""
+        prompt, levels, level_file, num_levels, mission = self.level_args
+        fresh = seed is not None or not self.started
+        seed = self.seed if seed is None else int(seed)
+        self.started = True
+        if self.server is None:
+            if not fresh:
+                return _as_dict(self.world.reset())
+            from .world import World
+
+            self.world = World(self.bundle, self.num_envs, seed=seed, **self.world_kwargs)
+            return _as_dict(self.world.reset(_levels(self.bundle, prompt, levels, level_file, num_levels, seed, mission)))
+        import ray
+
+        if not fresh:
+            return ray.get(self.handle.step.remote(self.client, None, reset=True))
+        if self.client is not None:
+            ray.get(self.handle.close.remote(self.client))
+        out = ray.get(self.handle.open.remote(self.num_envs, prompt=prompt, levels=levels, level_file=level_file,
+                                              seed=seed, mission=mission, num_levels=num_levels))
+        self.client = out.pop("client")
+        return out
+
+    def step(self, actions) -> dict:
+        if self.server is None:
+            return _as_dict(self.world.step(actions))
+        import ray
+
+        return ray.get(self.handle.step.remote(self.client, np.asarray(actions)))
+
+    def close(self) -> None:
+        if self.server is not None and self.client is not None:
+            import ray
+
+            try:
+                ray.get(self.handle.close.remote(self.client))
+            except Exception:  # noqa: BLE001 - the server may already be gone
+                pass
+            self.client = None
+
+
+def _as_dict(out) -> dict:
+    return {k: getattr(out, k) for k in ("envs", "frames", "tokens", "rewards", "terminated", "truncated",
+                                         "latent_actions", "episode_steps", "is_first", "missions", "level_ids")}
+
+
+def _infos(out: dict) -> dict:
+    n = len(out["rewards"])
+    infos = {"mission": np.array(out["missions"], dtype=object), "level_id": np.array(out["level_ids"], dtype=object),
+             "latent_action": np.asarray(out["latent_actions"]), "episode_step": np.asarray(out["episode_steps"]),
+             "is_first": np.asarray(out["is_first"])}
+    infos.update({f"_{k}": np.ones(n, bool) for k in list(infos)})
+    return infos
+
+
+class WorldVectorEnv(gym.vector.VectorEnv):
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP, "render_modes": ["rgb_array"]}
+
+    def __init__(self, num_envs: int = 1, bundle=None, prompt: str | None = None, levels: LevelSet | None = None,
+                 level_file: str | None = None, num_levels: int | None = None, seed: int = 0,
+                 mission: str | None = None, server=None, render_mode: str | None = None, **world_kwargs):
+        if bundle is None and server is None:
+            raise ValueError("give bundle= (a world bundle directory) or server= (a WorldModelServer name or handle)")
+        self.num_envs = int(num_envs)
+        self.render_mode = render_mode
+        self._backend = _Backend(self.num_envs, bundle, server, prompt, levels, level_file,
+                                 int(num_levels or max(16, num_envs)), seed, mission, world_kwargs)
+        self.single_observation_space = observation_space(self._backend.frame_shape)
+        self.single_action_space = spaces.Discrete(self._backend.num_actions)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self.action_names = self._backend.action_names
+        self._last = None
+
+    def _obs(self, out: dict) -> dict:
+        self._last = out
+        return {"image": np.asarray(out["frames"]), "mission": tuple(out["missions"])}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        out = self._backend.reset(seed)
+        return self._obs(out), _infos(out)
+
+    def step(self, actions):
+        out = self._backend.step(np.asarray(actions, dtype=np.int64))
+        return (self._obs(out), np.asarray(out["rewards"], np.float32), np.asarray(out["terminated"], bool),
+                np.asarray(out["truncated"], bool), _infos(out))
+
+    def render(self):
+        return None if self._last is None else np.asarray(self._last["frames"])
+
+    def close_extras(self, **kwargs):
+        self._backend.close()
+
+
+class WorldModelEnv(gym.Env):
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 8}
+
+    def __init__(self, bundle=None, prompt: str | None = None, levels: LevelSet | None = None,
+                 level_file: str | None = None, num_levels: int = 16, seed: int = 0, mission: str | None = None,
+                 server=None, render_mode: str | None = None, **world_kwargs):
+        self._vec = WorldVectorEnv(1, bundle, prompt, levels, level_file, num_levels, seed, mission, server,
+                                   **world_kwargs)
+        self.observation_space = self._vec.single_observation_space
+        self.action_space = self._vec.single_action_space
+        self.render_mode = render_mode
+        self.action_names = self._vec.action_names
+
+    @staticmethod
+    def _one(obs) -> dict:
+        return {"image": obs["image"][0], "mission": obs["mission"][0]}
+
+    @staticmethod
+    def _info(infos) -> dict:
+        return {k: (v[0].item() if hasattr(v[0], "item") else v[0]) for k, v in infos.items() if not k.startswith("_")}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        obs, infos = self._vec.reset(seed=seed)
+        return self._one(obs), self._info(infos)
+
+    def step(self, action):
+        if not self.action_space.contains(action):
+            from .world import InvalidActionError
+
+            raise InvalidActionError(f"action {action!r}: expected an integer in [0, {self.action_space.n}) "
+                                     f"({', '.join(self.action_names)})")
+        obs, r, term, trunc, infos = self._vec.step(np.array([int(action)]))
+        return self._one(obs), float(r[0]), bool(term[0]), bool(trunc[0]), self._info(infos)
+
+    def render(self):
+        frames = self._vec.render()
+        return None if frames is None else frames[0]
+
+    def close(self):
+        self._vec.close()

@@ -1,0 +1,127 @@
+"""LevelSet: a shareable set of playable levels (first-frame tokens plus what made them), and its file.
+
+A level file is HDF5 (``levels.h5``):
+
+    attrs   format, schema_version, bundle_fingerprint, bundle_path, prompt, seed, source
+    first_tokens   [N, P] int16  tokenizer ids of each level's first frame
+    missions       [N]    utf-8  the instruction the reward head is conditioned on
+    level_ids      [N]    utf-8
+
+Token ids only mean something to the bundle whose tokenizer produced them, so loading against
+another bundle (another fingerprint) is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .atomic_files import write_file_atomic
+
+FORMAT = "genie-sima-levels"
+SCHEMA_VERSION = 1
+
+
+class LevelFileError(ValueError):
+    def __init__(self, path, problem: str):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"level file {self.path}: {problem}")
+
+
+@dataclass
+class LevelSet:
+    first_tokens: np.ndarray  # [N, P] int
+    missions: list[str]
+    level_ids: list[str]
+    bundle_fingerprint: str
+    prompt: str | None = None
+    seed: int | None = None
+    source: str = "prompt"  # prompt | image
+    bundle_path: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.first_tokens = np.asarray(self.first_tokens)
+        n = len(self.first_tokens)
+        if self.first_tokens.ndim != 2:
+            raise ValueError(f"first_tokens must be [N, P], got shape {self.first_tokens.shape}")
+        if len(self.missions) != n or len(self.level_ids) != n:
+            raise ValueError(f"{n} levels but {len(self.missions)} missions and {len(self.level_ids)} level ids")
+
+    def __len__(self) -> int:
+        return len(self.first_tokens)
+
+    def __getitem__(self, idx) -> "LevelSet":
+        """A subset (int, slice or index array) as a LevelSet with the same provenance."""
+        sel = np.arange(len(self))[idx]
+        sel = np.atleast_1d(sel)
+        return LevelSet(self.first_tokens[sel], [self.missions[i] for i in sel], [self.level_ids[i] for i in sel],
+                        self.bundle_fingerprint, self.prompt, self.seed, self.source, self.bundle_path, dict(self.extra))
+
+    def distinct(self) -> int:
+        """Number of distinct first frames (as token grids)."""
+        return len(np.unique(self.first_tokens, axis=0)) if len(self) else 0
+
+
+def save_levels(path, levels: LevelSet) -> Path:
+    """Write atomically: an interrupted save never leaves a half-written level file under ``path``."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise LevelFileError(path, f"directory {path.parent} does not exist")
+    str_t = h5py.string_dtype("utf-8")
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update({"format": FORMAT, "schema_version": SCHEMA_VERSION,
+                            "bundle_fingerprint": levels.bundle_fingerprint, "bundle_path": levels.bundle_path,
+                            "prompt": levels.prompt or "", "seed": -1 if levels.seed is None else int(levels.seed),
+                            "source": levels.source})
+            f.create_dataset("first_tokens", data=levels.first_tokens.astype(np.int16))
+            f.create_dataset("missions", data=np.array(levels.missions, dtype=object), dtype=str_t)
+            f.create_dataset("level_ids", data=np.array(levels.level_ids, dtype=object), dtype=str_t)
+
+    write_file_atomic(path, write)
+    return path
+
+
+def load_levels(path, bundle=None) -> LevelSet:
+    """Read a level file; with ``bundle`` (a WorldBundle), refuse levels made by another bundle."""
+    path = Path(path)
+    if not path.exists():
+        raise LevelFileError(path, "does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise LevelFileError(path, f"is not a readable HDF5 file ({e})") from e
+    with f:
+        if f.attrs.get("format") != FORMAT:
+            raise LevelFileError(path, f"format is {f.attrs.get('format')!r}, expected {FORMAT!r}")
+        version = int(f.attrs.get("schema_version", -1))
+        if version != SCHEMA_VERSION:
+            raise LevelFileError(path, f"schema_version is {version}, this genie-sima reads {SCHEMA_VERSION}")
+        for name in ("first_tokens", "missions", "level_ids"):
+            if name not in f:
+                raise LevelFileError(path, f"dataset {name!r} is missing")
+        seed = int(f.attrs["seed"])
+        levels = LevelSet(f["first_tokens"][()].astype(np.int64),
+                          [m.decode() if isinstance(m, bytes) else m for m in f["missions"][()]],
+                          [m.decode() if isinstance(m, bytes) else m for m in f["level_ids"][()]],
+                          str(f.attrs["bundle_fingerprint"]), str(f.attrs["prompt"]) or None,
+                          None if seed < 0 else seed, str(f.attrs["source"]), str(f.attrs["bundle_path"]))
+    if bundle is not None:
+        check_levels_match(levels, bundle, path)
+    return levels
+
+
+def check_levels_match(levels: LevelSet, bundle, where="levels") -> None:
+    if levels.bundle_fingerprint != bundle.fingerprint:
+        raise LevelFileError(where, f"made by world bundle {levels.bundle_path or '?'} (fingerprint "
+                                    f"{levels.bundle_fingerprint}), but the loaded bundle {bundle.path} has fingerprint "
+                                    f"{bundle.fingerprint}: token ids of one bundle mean nothing to another; "
+                                    f"generate the levels again with `genie-sima generate --bundle {bundle.path}`")
+    p = bundle.dynamics.num_patches if "dynamics" in bundle.parts else levels.first_tokens.shape[1]
+    if levels.first_tokens.shape[1] != p:
+        raise LevelFileError(where, f"levels have {levels.first_tokens.shape[1]} tokens per frame, the bundle {p}")

@@ -1,0 +1,262 @@
+"""WorldModelServer: a Ray actor holding one World (on one GPU, or CPU) that serves many clients.
+
+Clients ``open`` a block of envs (levels from a prompt, a LevelSet or a level file) and then ``step``
+their whole block per call. The server gathers the step requests that arrive within ``max_wait_ms``
+(or until every open client has one pending) into one World step of up to ``max_batch`` envs, so
+per-call overhead vanishes as clients are added. Each client's block is contiguous in the World, so
+when all clients step together the batch is one contiguous range (views, no copies).
+
+Bad actions are refused to the caller that sent them before batching; the other callers' requests
+are unaffected. Metrics (``ray.util.metrics``, tag ``server``): genie_sima_world_env_steps_per_s,
+genie_sima_world_batch_fill, genie_sima_world_queue_latency_ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+DEFAULT_NAME = "genie-sima-world"
+NAMESPACE = "genie-sima"
+
+
+@dataclass
+class _Client:
+    start: int
+    num_envs: int
+    levels_desc: str
+
+
+@dataclass
+class _Request:
+    client: str
+    actions: np.ndarray
+    reset: bool
+    future: asyncio.Future
+    t_enqueued: float = field(default_factory=time.perf_counter)
+
+
+class WorldModelServerImpl:
+    """The actor's body (also usable in-process, e.g. by the play page)."""
+
+    def __init__(self, bundle_path: str, capacity: int = 256, max_batch: int = 1024, max_wait_ms: float = 2.0,
+                 device: str | None = None, threads: int = 0, name: str = DEFAULT_NAME, **world_kwargs):
+        import torch
+
+        from .bundle import load_bundle
+        from .world import World
+        from .world_builder import WorldBuilder
+
+        if threads:
+            torch.set_num_threads(threads)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.bundle = load_bundle(bundle_path, device=device)
+        self.world = World(self.bundle, capacity, **world_kwargs)
+        self.builder = WorldBuilder(self.bundle, device=device)
+        self.capacity, self.max_batch, self.max_wait = int(capacity), int(max_batch), max_wait_ms / 1000.0
+        self.name = name
+        self.clients: dict[str, _Client] = {}
+        self.pending: list[_Request] = []
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one World, one stepper
+        self.stats_ = {"env_steps": 0, "batches": 0, "batch_envs": 0, "queue_s": 0.0, "requests": 0,
+                       "started": time.time()}
+        self._metrics = None
+        try:
+            from ray.util import metrics
+
+            tags = ("server",)
+            self._metrics = {
+                "steps": metrics.Gauge("genie_sima_world_env_steps_per_s", "imagined env steps per second", tags),
+                "fill": metrics.Gauge("genie_sima_world_batch_fill", "envs per World step / max_batch", tags),
+                "latency": metrics.Histogram("genie_sima_world_queue_latency_ms", "time a step request waits to be batched",
+                                             [0.5, 1, 2, 5, 10, 20, 50, 100, 500], tags),
+            }
+            for m in self._metrics.values():
+                m.set_default_tags({"server": name})
+        except Exception:  # noqa: BLE001 - metrics need a Ray worker; in-process use has none
+            self._metrics = None
+        self._window = (time.perf_counter(), 0)
+
+    # --- clients ----------------------------------------------------------------------------
+    def info(self) -> dict:
+        w = self.world
+        return {"name": self.name, "bundle": str(self.bundle.path), "fingerprint": self.bundle.fingerprint,
+                "capacity": self.capacity, "free": self.capacity - sum(c.num_envs for c in self.clients.values()),
+                "num_actions": w.num_actions, "action_names": w.action_names, "action_type": w.action_type,
+                "frame_shape": w.frame_shape, "max_episode_steps": w.max_episode_steps,
+                "vocabulary": self.bundle.vocab.words[1:] if self.bundle.vocab else []}
+
+    def _allocate(self, n: int) -> int:
+        taken = sorted((c.start, c.start + c.num_envs) for c in self.clients.values())
+        pos = 0
+        for lo, hi in taken:
+            if lo - pos >= n:
+                return pos
+            pos = max(pos, hi)
+        if self.capacity - pos >= n:
+            return pos
+        free = self.capacity - sum(c.num_envs for c in self.clients.values())
+        raise ValueError(f"world server {self.name!r}: cannot open {n} envs, {free} of {self.capacity} are free "
+                         f"(in one block: raise capacity or close clients)")
+
+    async def open(self, num_envs: int, prompt: str | None = None, levels=None, level_file: str | None = None,
+                   seed: int = 0, mission: str | None = None, num_levels: int | None = None) -> dict:
+        """Reserve ``num_envs`` envs playing levels from ``prompt`` (num_levels of them, default
+        num_envs), a LevelSet, or a level file; returns the client id and the first observations."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: self._open(num_envs, prompt, levels, level_file, seed, mission, num_levels))
+
+    async def close(self, client: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: self.clients.pop(client, None))
+
+    def _open(self, num_envs, prompt, levels, level_file, seed, mission, num_levels) -> dict:
+        from .levels import load_levels
+
+        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        if sum(x is not None for x in (prompt, levels, level_file)) != 1:
+            raise ValueError("give exactly one of prompt=, levels= or level_file=")
+        if level_file is not None:
+            levels = load_levels(level_file, self.bundle)
+        elif prompt is not None:
+            levels = self.builder.generate(prompt, num_worlds=int(num_levels or num_envs), seed=seed, mission=mission)
+        start = self._allocate(int(num_envs))
+        client = uuid.uuid4().hex[:12]
+        envs = np.arange(start, start + num_envs)
+        first = self.world.reset(levels, envs=envs)
+        self.clients[client] = _Client(start, int(num_envs), levels.prompt or levels.source)
+        return {"client": client, "envs": envs.tolist(), **self._pack(first)}
+
+    # --- stepping ---------------------------------------------------------------------------
+    async def step(self, client: str, actions, reset: bool = False) -> dict:
+        """Step (or, with ``reset``, restart) every env of ``client``; batched with other clients."""
+        c = self.clients.get(client)
+        if c is None:
+            raise ValueError(f"world server {self.name!r}: unknown client {client!r} (closed, or the server "
+                             "restarted: open again)")
+        acts = np.zeros(c.num_envs, np.int64) if reset else self.world.check_actions(actions, c.num_envs)
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append(_Request(client, acts, reset, fut))
+        self._wakeup.set()
+        return await fut
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if not self.pending:
+                continue
+            deadline = time.perf_counter() + self.max_wait
+            while (len({r.client for r in self.pending}) < len(self.clients)
+                   and sum(self.clients[r.client].num_envs for r in self.pending if r.client in self.clients) < self.max_batch
+                   and time.perf_counter() < deadline):
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), max(0.0, deadline - time.perf_counter()))
+                    self._wakeup.clear()
+                except asyncio.TimeoutError:
+                    break
+            batch, self.pending = self.pending, []
+            try:
+                await loop.run_in_executor(self._executor, self._run_batch, batch)
+            except Exception as e:  # noqa: BLE001 - hand every waiting caller the error
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        now = time.perf_counter()
+        live = [r for r in batch if r.client in self.clients]
+        for r in batch:
+            if r.client not in self.clients:
+                r.future.get_loop().call_soon_threadsafe(r.future.set_exception,
+                                                         ValueError(f"client {r.client} was closed"))
+        resets = [r for r in live if r.reset]
+        for r in resets:
+            c = self.clients[r.client]
+            self._deliver(r, self.world.reset(envs=np.arange(c.start, c.start + c.num_envs)), 0, c.num_envs)
+        steps = sorted((r for r in live if not r.reset), key=lambda r: self.clients[r.client].start)
+        chunk: list[_Request] = []
+        for r in steps + [None]:
+            n = sum(self.clients[q.client].num_envs for q in chunk)
+            if r is None or (chunk and n + self.clients[r.client].num_envs > self.max_batch):
+                if chunk:
+                    self._step_chunk(chunk, now)
+                chunk = []
+            if r is not None:
+                chunk.append(r)
+
+    def _step_chunk(self, chunk: list[_Request], now: float) -> None:
+        envs = np.concatenate([np.arange(self.clients[r.client].start,
+                                         self.clients[r.client].start + self.clients[r.client].num_envs) for r in chunk])
+        out = self.world.step(np.concatenate([r.actions for r in chunk]), envs=envs)
+        lo = 0
+        for r in chunk:
+            n = self.clients[r.client].num_envs
+            self._deliver(r, out, lo, lo + n)
+            lo += n
+            self.stats_["queue_s"] += now - r.t_enqueued
+            if self._metrics:
+                self._metrics["latency"].observe((now - r.t_enqueued) * 1000)
+        self.stats_["env_steps"] += len(envs)
+        self.stats_["batches"] += 1
+        self.stats_["batch_envs"] += len(envs)
+        self.stats_["requests"] += len(chunk)
+        if self._metrics:
+            self._metrics["fill"].set(len(envs) / self.max_batch)
+            t0, n0 = self._window
+            dt = time.perf_counter() - t0
+            if dt >= 1.0:
+                self._metrics["steps"].set((self.stats_["env_steps"] - n0) / dt)
+                self._window = (time.perf_counter(), self.stats_["env_steps"])
+
+    def _deliver(self, r: _Request, out, lo: int, hi: int) -> None:
+        result = self._pack(out, lo, hi)
+        r.future.get_loop().call_soon_threadsafe(lambda: r.future.done() or r.future.set_result(result))
+
+    @staticmethod
+    def _pack(out, lo: int = 0, hi: int | None = None) -> dict:
+        hi = len(out.envs) if hi is None else hi
+        return {"envs": out.envs[lo:hi], "frames": None if out.frames is None else out.frames[lo:hi],
+                "tokens": out.tokens[lo:hi], "rewards": out.rewards[lo:hi], "terminated": out.terminated[lo:hi],
+                "truncated": out.truncated[lo:hi], "latent_actions": out.latent_actions[lo:hi],
+                "episode_steps": out.episode_steps[lo:hi], "is_first": out.is_first[lo:hi],
+                "missions": out.missions[lo:hi], "level_ids": out.level_ids[lo:hi]}
+
+    def stats(self) -> dict:
+        s = dict(self.stats_)
+        s["mean_batch_envs"] = s["batch_envs"] / max(1, s["batches"])
+        s["mean_queue_ms"] = 1000 * s["queue_s"] / max(1, s["requests"])
+        s["clients"] = len(self.clients)
+        return s
+
+
+WorldModelServer = ray.remote(WorldModelServerImpl)
+
+
+def start_world_server(bundle_path, name: str = DEFAULT_NAME, num_gpus: float = 0, num_cpus: float = 1,
+                       resources: dict | None = None, max_restarts: int = -1, **kwargs):
+    """Start (or get, if one of that name runs) a named, detached-free WorldModelServer actor.
+
+    ``resources`` lets cluster configs steer servers onto GPU nodes (``{"world_server": 1}``).
+    ``max_restarts=-1``: Ray restarts a dead server; clients see "unknown client" and re-open.
+    """
+    return WorldModelServer.options(name=name, namespace=NAMESPACE, get_if_exists=True, num_gpus=num_gpus,
+                                    num_cpus=num_cpus, resources=resources or {}, max_restarts=max_restarts,
+                                    max_concurrency=1000).remote(str(bundle_path), name=name, **kwargs)
+
+
+def get_world_server(name: str = DEFAULT_NAME):
+    return ray.get_actor(name, namespace=NAMESPACE)

@@ -1,0 +1,106 @@
+"""WorldModelServer on a real local Ray: concurrent vector-env clients, batching, refusals, gym API."""
+
+from __future__ import annotations
+
+import threading
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import ray
+from gymnasium.utils.env_checker import check_env
+
+import genie_world  # noqa: F401 - registers genie-sima/World-v0
+from genie_world.gym_env import WorldModelEnv, WorldVectorEnv
+from genie_world.world_server import get_world_server, start_world_server
+
+PROMPTS = ["go to the red ball", "go to the blue key", "pick up the green box"]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, random_bundle):
+    handle = start_world_server(random_bundle, name="test-world", num_cpus=0.5, capacity=32, max_batch=64,
+                                max_wait_ms=50.0, max_episode_steps=6, threads=1)
+    ray.get(handle.info.remote())
+    yield handle
+    ray.kill(handle)
+
+
+def test_three_concurrent_vector_env_clients_get_exactly_their_own_envs(server, random_bundle):
+    sizes, steps = [3, 5, 4], 10
+    clients = [WorldVectorEnv(n, server="test-world", prompt=p, seed=i, max_episode_steps=6)
+               for i, (n, p) in enumerate(zip(sizes, PROMPTS))]
+    actions = [np.random.default_rng(i).integers(0, 7, size=(steps, n)) for i, n in enumerate(sizes)]
+    results: dict[int, list] = {i: [] for i in range(3)}
+    firsts = {}
+    for i, env in enumerate(clients):
+        obs, _ = env.reset()
+        firsts[i] = (env._backend.client, obs)
+
+    def run(i):
+        for t in range(steps):
+            results[i].append(clients[i].step(actions[i][t]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    stats = ray.get(server.stats.remote())
+    assert stats["mean_batch_envs"] > max(sizes), f"requests were not batched: {stats}"
+    owned = set()
+    for i, env in enumerate(clients):
+        envs = set(env._last["envs"].tolist())
+        assert len(envs) == sizes[i] and not envs & owned, "clients share envs"
+        owned |= envs
+        # Each client gets its own envs: the same trajectory as the same levels in a private World.
+        local = WorldVectorEnv(sizes[i], bundle=random_bundle, prompt=PROMPTS[i], seed=i, max_episode_steps=6)
+        obs, _ = local.reset()
+        np.testing.assert_array_equal(obs["image"], firsts[i][1]["image"])
+        for t in range(steps):
+            lo, lr, lte, ltr, linfo = local.step(actions[i][t])
+            so, sr, ste, str_, sinfo = results[i][t]
+            np.testing.assert_array_equal(so["image"], lo["image"], err_msg=f"client {i} step {t}")
+            np.testing.assert_array_equal(ste, lte)
+            np.testing.assert_array_equal(str_, ltr)
+            assert so["mission"] == (PROMPTS[i],) * sizes[i]
+        env.close()
+    assert ray.get(server.info.remote())["free"] == 32
+
+
+def test_bad_actions_are_refused_to_their_sender_only(server):
+    good = WorldVectorEnv(2, server=get_world_server("test-world"), prompt=PROMPTS[0])
+    bad = WorldVectorEnv(2, server="test-world", prompt=PROMPTS[1])
+    good.reset()
+    bad.reset()
+    with pytest.raises(Exception, match=r"actions\[1\] = 9"):
+        bad.step(np.array([0, 9]))
+    obs, *_ = good.step(np.array([1, 2]))
+    assert obs["image"].shape == (2, 64, 64, 3)
+    with pytest.raises(Exception, match="cannot open 100 envs"):
+        WorldVectorEnv(100, server="test-world", prompt=PROMPTS[0]).reset()
+    with pytest.raises(Exception, match="unknown words"):
+        WorldVectorEnv(1, server="test-world", prompt="go to the purple ball").reset()
+    good.close()
+    bad.close()
+
+
+def test_single_env_passes_gymnasium_env_checker(random_bundle):
+    env = WorldModelEnv(bundle=random_bundle, prompt=PROMPTS[0], max_episode_steps=5)
+    check_env(env, skip_render_check=True)
+    obs, info = env.reset(seed=3)
+    assert env.observation_space.contains(obs) and info["is_first"]
+    with pytest.raises(ValueError, match="expected an integer in"):
+        env.step(7)
+
+
+def test_registered_id_makes_single_and_vector_envs(random_bundle, server):
+    env = gym.make("genie-sima/World-v0", bundle=str(random_bundle), prompt=PROMPTS[2])
+    obs, _ = env.reset(seed=0)
+    assert obs["mission"] == PROMPTS[2] and obs["image"].dtype == np.uint8
+    vec = gym.make_vec("genie-sima/World-v0", num_envs=3, vectorization_mode="vector_entry_point",
+                       server="test-world", prompt=PROMPTS[2])
+    obs, _ = vec.reset(seed=0)
+    assert obs["image"].shape == (3, 64, 64, 3)
+    assert vec.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
+    vec.close()
