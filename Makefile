@@ -19,12 +19,15 @@ world-tiny: setup
 	    --epsilon 0.3 --episodes-per-shard 100 --workers 2 --seed 0 --out runs/gotolocal-3k
 	$(PY) -m pipelines.cli pretrain --data runs/gotolocal-3k --out runs/world-tiny --preset tiny
 
+# The browser tests drive Debian's chromium; scripts/install_browser.sh installs it when missing.
 test: setup
+	@bash scripts/install_browser.sh
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/collect.py
 	$(PY) bench/world_model.py
+	$(PY) bench/serving.py
 
 clean:
 	rm -rf runs .pytest_cache

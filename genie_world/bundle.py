@@ -7,6 +7,7 @@ metrics and provenance, under a schema version.
     RUN/vocab.json               mission/prompt vocabulary
     RUN/action_adapter.json      real <-> latent action table
     RUN/metrics.json             the evaluation table
+    RUN/level_constraints.json   facts real first frames obey (optional; see level_constraints.py)
 
 ``load_bundle`` refuses, naming the file and the problem, a bundle of another schema, a missing or
 altered part, or weights that do not fit the config.
@@ -27,6 +28,7 @@ from .action_adapter import ActionAdapter
 from .atomic_files import write_file_atomic, write_json_atomic
 from .build import PART_NAMES, build_part
 from .config import WorldModelConfig
+from .level_constraints import FILE as CONSTRAINTS_FILE, LevelConstraints
 from .text_encoder import Vocabulary
 
 FORMAT = "genie-sima-world-bundle"
@@ -87,6 +89,7 @@ class WorldBundle:
     parts: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    constraints: LevelConstraints | None = None
 
     def __getattr__(self, name):
         parts = self.__dict__.get("parts", {})
@@ -132,6 +135,8 @@ def load_bundle(run, parts=PART_NAMES, device: str | torch.device = "cpu", verif
     bundle = WorldBundle(run, cfg, vocab, adapter, meta=meta)
     if (run / "metrics.json").exists():
         bundle.metrics = json.loads((run / "metrics.json").read_text())
+    if (run / CONSTRAINTS_FILE).exists():
+        bundle.constraints = LevelConstraints.from_json(json.loads((run / CONSTRAINTS_FILE).read_text()))
     for name in parts:
         info = meta.get("parts", {}).get(name)
         if info is None:

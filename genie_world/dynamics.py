@@ -130,7 +130,7 @@ class DynamicsModel(nn.Module):
 
     @torch.no_grad()
     def generate_slots(self, cache: SlotKVCache, actions: torch.Tensor, steps: int, temperature: float,
-                       schedule: str = "cosine", generator=None) -> torch.Tensor:
+                       schedule: str = "cosine", generator=None, constrain=None) -> torch.Tensor:
         """Decode each env's next frame ids [B, P] under latent ``actions`` [B]; not committed."""
         cond = self.action_embed(actions)[:, None]  # [B, 1, D]
 
@@ -139,4 +139,4 @@ class DynamicsModel(nn.Module):
             return self.head(self.transformer.forward_slots(x, cache, cond=cond))[:, 0]
 
         return maskgit_decode(logits_fn, actions.shape[0], self.num_patches, self.mask_id, steps, temperature,
-                              schedule, generator, actions.device)
+                              schedule, generator, actions.device, constrain)

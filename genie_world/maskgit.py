@@ -55,16 +55,20 @@ def _sample(probs: torch.Tensor, generator) -> torch.Tensor:
 @torch.no_grad()
 def maskgit_decode(logits_fn: Callable[[torch.Tensor], torch.Tensor], batch: int, num_tokens: int, mask_id: int,
                    steps: int, temperature: float, schedule: str = "cosine",
-                   generator: Generators = None, device=None) -> torch.Tensor:
+                   generator: Generators = None, device=None,
+                   constrain: Callable | None = None) -> torch.Tensor:
     """Fill ``num_tokens`` masked positions in ``steps`` rounds; returns ids [B, P].
 
     Each round samples every masked position, keeps the most confident ones and re-masks the rest;
     Gumbel noise on the confidences (annealed with the round) keeps different seeds distinct.
+    ``constrain(logits, ids, masked)`` may rewrite each round's logits (level constraints).
     """
     ids = torch.full((batch, num_tokens), mask_id, dtype=torch.long, device=device)
     masked = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
     for step in range(steps):
         logits = logits_fn(ids).float()  # [B, P, V]
+        if constrain is not None:
+            logits = constrain(logits, ids, masked)
         last = step == steps - 1
         if temperature > 0:
             probs = (logits / temperature).softmax(-1)

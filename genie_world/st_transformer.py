@@ -8,6 +8,7 @@ generating frame t costs the same whatever t is. Spatial attention can use 2-D r
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.dtype == torch.float32 or x.is_cuda:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # bf16 on CPU: F.rms_norm has no fused kernel there and was ~20x slower than this (BENCHMARKS.md).
+        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
+        return x * torch.rsqrt(ms + self.eps).to(x.dtype) * self.weight
 
 
 class SwiGLU(nn.Module):
@@ -39,14 +44,21 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def rotary_tables(positions: torch.Tensor, dh: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the rotary angles for ``positions`` ([T] or [N, 1, T]) -> each [..., dh // 2]."""
+    half = dh // 2
+    freqs = 1.0 / (10000 ** (torch.arange(half, device=positions.device, dtype=torch.float32) / half))
+    ang = positions.float()[..., None] * freqs  # [T, half] or [N, 1, T, half]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor | None = None, tables=None) -> torch.Tensor:
     """Rotate pairs of channels of x [N, H, T, dh] by angles set by ``positions``: [T] (shared by all
-    rows) or [N, 1, T] (one position per row, as served envs are at different steps)."""
+    rows) or [N, 1, T] (one position per row, as served envs are at different steps). ``tables``
+    (from ``rotary_tables``) lets layers that share positions compute cos/sin once."""
     dh = x.shape[-1]
     half = dh // 2
-    freqs = 1.0 / (10000 ** (torch.arange(half, device=x.device, dtype=torch.float32) / half))
-    ang = positions.float()[..., None] * freqs  # [T, half] or [N, 1, T, half]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    cos, sin = tables if tables is not None else rotary_tables(positions, dh, x.dtype)
     x1, x2 = x[..., :half], x[..., half:2 * half]
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     if dh % 2:
@@ -79,11 +91,18 @@ def rotary_2d(x: torch.Tensor, side: int) -> torch.Tensor:
     """2-D rotary embedding for a row-major side x side patch grid: half the channels rotate with the
     row, half with the column, so attention scores depend on relative (dy, dx)."""
     p = x.shape[-2]
-    idx = torch.arange(p, device=x.device)
     half = (x.shape[-1] // 4) * 2  # an even number of channels per axis
-    rows = rotary(x[..., :half], idx // side)
-    cols = rotary(x[..., half:2 * half], idx % side)
+    row_t, col_t = _grid_tables(p, side, half, x.dtype, x.device)
+    rows = rotary(x[..., :half], tables=row_t)
+    cols = rotary(x[..., half:2 * half], tables=col_t)
     return torch.cat([rows, cols, x[..., 2 * half:]], dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_tables(p: int, side: int, half: int, dtype, device):
+    """The 2-D rotary tables of a patch grid depend only on its shape: computed once."""
+    idx = torch.arange(p, device=device)
+    return rotary_tables(idx // side, half, dtype), rotary_tables(idx % side, half, dtype)
 
 
 class SpatialAttention(Attention):
@@ -146,13 +165,12 @@ class TemporalAttention(Attention):
         return y, (k, v)
 
     def forward_slots(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache: SlotKVCache,
-                      mask: torch.Tensor) -> torch.Tensor:
+                      mask: torch.Tensor, tables) -> torch.Tensor:
         """One new frame per env, x [B, 1, P, D], against the env's slots; writes its keys/values
         into the env's write slot (overwritten until the frame is committed)."""
         b, _, p, d = x.shape
         q, k, v = self.project(x.reshape(b * p, 1, d))  # [B*P, H, 1, dh]
-        pos = cache.step.repeat_interleave(p)  # [B*P]: each env's own episode position
-        q, k = rotary(q, pos[:, None, None]), rotary(k, pos[:, None, None])
+        q, k = rotary(q, tables=tables), rotary(k, tables=tables)
         rows = torch.arange(b * p, device=x.device)
         slot = cache.write_slot().repeat_interleave(p)
         k_cache[rows, :, slot] = k[:, :, 0].to(k_cache.dtype)
@@ -176,9 +194,9 @@ class STBlock(nn.Module):
         x = x + self.mlp(self.norm_m(x))
         return x, kv
 
-    def forward_slots(self, x, k_cache, v_cache, cache: SlotKVCache, mask):
+    def forward_slots(self, x, k_cache, v_cache, cache: SlotKVCache, mask, tables):
         x = x + self.spatial(self.norm_s(x))
-        x = x + self.temporal.forward_slots(self.norm_t(x), k_cache, v_cache, cache, mask)
+        x = x + self.temporal.forward_slots(self.norm_t(x), k_cache, v_cache, cache, mask, tables)
         return x + self.mlp(self.norm_m(x))
 
 
@@ -210,10 +228,13 @@ class STTransformer(nn.Module):
         """One new frame per env x [B, 1, P, D] against ``cache`` (see ``SlotKVCache``). The caller
         commits with ``cache.commit()`` after the pass that carries the frame's final tokens."""
         mask = cache.attention_mask()
+        # Every layer rotates by the same per-env positions: one cos/sin table per pass.
+        pos = cache.step.repeat_interleave(cache.num_patches)[:, None, None]  # [B*P, 1, 1]
+        tables = rotary_tables(pos, self.blocks[0].temporal.dh, x.dtype)
         for block, k, v in zip(self.blocks, cache.k, cache.v):
             if cond is not None:
                 x = x + cond[:, :, None, :]
-            x = block.forward_slots(x, k, v, cache, mask)
+            x = block.forward_slots(x, k, v, cache, mask, tables)
         return self.norm(x)
 
     def forward_cached(self, x: torch.Tensor, cache: KVCache, cond: torch.Tensor | None = None,

@@ -63,7 +63,8 @@ class VideoTokenizer(nn.Module):
 
     def decode_slots(self, ids: torch.Tensor, cache: SlotKVCache) -> torch.Tensor:
         """Decode each env's new frame ids [B, P] against its decoder history, commit it -> [B, H, W, 3]."""
-        x = self.from_code(self.fsq.indices_to_codes(ids[:, None])) + self.dec_pos  # [B, 1, P, D]
+        codes = self.fsq.indices_to_codes(ids[:, None]).to(self.dec_pos.dtype)
+        x = self.from_code(codes) + self.dec_pos  # [B, 1, P, D]
         h = self.decoder.forward_slots(x, cache)
         cache.commit()
         return self._pixels(h)[:, 0]

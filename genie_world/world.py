@@ -23,13 +23,14 @@ history: a batch step equals N single-env steps.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .bundle import WorldBundle
+from .level_constraints import constrain_logits
 from .levels import LevelSet, check_levels_match
 from .slot_cache import SlotKVCache
 
@@ -116,7 +117,7 @@ class World:
     def __init__(self, bundle: WorldBundle, num_envs: int, *, max_episode_steps: int = 64, action_type: str = "real",
                  context_frames: int | None = None, maskgit_steps: int | None = None,
                  temperature: float | None = None, precision: str = "auto", render: bool = True, seed: int = 0,
-                 env_index_offset: int = 0):
+                 env_index_offset: int = 0, constrained: bool = True):
         missing = {"tokenizer", "dynamics", "reward_head"} - set(bundle.parts)
         if missing:
             raise ValueError(f"world bundle {bundle.path} lacks parts {sorted(missing)} a World needs")
@@ -133,6 +134,10 @@ class World:
         self.tok, self.dyn, self.head = bundle.tokenizer, bundle.dynamics, bundle.reward_head
         self.device = next(self.dyn.parameters()).device
         self.dtype = resolve_precision(precision, self.device)
+        if self.dtype != torch.float32:
+            # Low-precision copies of the weights (the bundle's own stay fp32): casting once here is
+            # cheaper than autocast re-casting weights and activations at every op of every step.
+            self.tok, self.dyn, self.head = (copy.deepcopy(m).to(self.dtype) for m in (self.tok, self.dyn, self.head))
         self.max_episode_steps, self.action_type, self.render = int(max_episode_steps), action_type, render
         # The dynamics saw dyn_clip_len frames in training: dyn_clip_len - 1 frames of history.
         self.context_frames = int(context_frames or max(1, cfg.dyn_clip_len - 1))
@@ -140,6 +145,13 @@ class World:
         self.temperature = float(cfg.maskgit_temperature if temperature is None else temperature)
         self.seed, self.env_index_offset = int(seed), int(env_index_offset)
         self.adapter = bundle.adapter
+        # Decode every frame under the bundle's level constraints (e.g. exactly one agent): without
+        # them the tiny model's agent faded out of about half of the rollouts within 8 steps.
+        groups = bundle.constraints.exactly_one if (constrained and bundle.constraints) else []
+        self._constrain = None
+        if groups:
+            tensors = [torch.as_tensor(g, dtype=torch.long, device=self.device) for g in groups]
+            self._constrain = lambda logits, ids, masked: constrain_logits(logits, ids, masked, tensors)
         if action_type == "real":
             self.num_actions, self.action_names = self.adapter.num_real, list(self.adapter.real_names)
         else:
@@ -282,11 +294,6 @@ class World:
             raise ValueError("envs has repeated indices")
         return idx
 
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def _to_latent(self, acts: np.ndarray, tokens: torch.Tensor) -> torch.Tensor:
         if self.action_type == "real":
             acts = self.adapter.real_to_latent(acts, tokens.cpu().numpy())
@@ -345,24 +352,23 @@ class World:
         """One frame for every env of ``sub``: generated under ``latent``, or the level's first frame
         where ``resetting``. Updates ``sub`` in place."""
         cfg = self.cfg
-        with self._autocast():
-            if bool((~resetting).any()):
-                new = self.dyn.generate_slots(sub.dyn, latent, self.maskgit_steps, self.temperature,
-                                              cfg.maskgit_schedule, noise)
-            else:
-                new = torch.zeros_like(sub.tokens)
-            if bool(resetting.any()):
-                new = torch.where(resetting[:, None], reset_tokens, new)
-                sub.dyn.clear(resetting)
-                if sub.dec is not None:
-                    sub.dec.clear(resetting)
-            start = torch.full_like(latent, self.dyn.num_actions)  # the "no action" into frame 0
-            self.dyn.commit_slots(sub.dyn, new, torch.where(resetting, start, latent))
-            sub.tokens.copy_(new)
-            frames = None
+        if bool((~resetting).any()):
+            new = self.dyn.generate_slots(sub.dyn, latent, self.maskgit_steps, self.temperature,
+                                          cfg.maskgit_schedule, noise, self._constrain)
+        else:
+            new = torch.zeros_like(sub.tokens)
+        if bool(resetting.any()):
+            new = torch.where(resetting[:, None], reset_tokens, new)
+            sub.dyn.clear(resetting)
             if sub.dec is not None:
-                pix = self.tok.decode_slots(new, sub.dec).float()  # [B, H, W, 3] in about [0, 1]
-                frames = (pix.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            reward, term_logit = self.head(sub.mission_ids, new)
+                sub.dec.clear(resetting)
+        start = torch.full_like(latent, self.dyn.num_actions)  # the "no action" into frame 0
+        self.dyn.commit_slots(sub.dyn, new, torch.where(resetting, start, latent))
+        sub.tokens.copy_(new)
+        frames = None
+        if sub.dec is not None:
+            pix = self.tok.decode_slots(new, sub.dec).float()  # [B, H, W, 3] in about [0, 1]
+            frames = (pix.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        reward, term_logit = self.head(sub.mission_ids, new)
         return {"frames": frames, "tokens": new.cpu().numpy(), "rewards": reward.float().cpu().numpy(),
                 "terminated": (term_logit > 0).cpu().numpy()}

@@ -1,7 +1,9 @@
 """WorldBuilder: a sentence (through the prompt prior) or an image (through the tokenizer) -> levels.
 
-Level i of ``generate(prompt, num_worlds, seed)`` is drawn from its own generator seeded by
-(seed, i), so it does not depend on num_worlds or the batch size: 16 levels are a prefix of 1000.
+Candidate level i of ``generate(prompt, num_worlds, seed)`` is drawn from its own generator seeded
+by (seed, i), so levels do not depend on num_worlds or the batch size: 16 levels are a prefix of 1000.
+When the bundle has level constraints (e.g. "exactly one agent"), candidates that break them are
+rejected and the next candidates drawn: same seed, same levels still holds.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ def level_generators(seed: int, indices) -> list[torch.Generator]:
 
 
 class WorldBuilder:
-    def __init__(self, bundle: WorldBundle, device: str | torch.device = "cpu", batch_size: int = 256):
+    def __init__(self, bundle: WorldBundle, device: str | torch.device = "cpu", batch_size: int = 256,
+                 max_candidates_per_level: int = 50):
         self.bundle, self.device, self.batch_size = bundle, torch.device(device), batch_size
         self.cfg = bundle.config
+        self.max_candidates_per_level = max_candidates_per_level
+        self.last_acceptance: float | None = None  # valid fraction of the candidates of the last prompt
 
     def _text_ids(self, text: str, what: str) -> torch.Tensor:
         if self.bundle.vocab is None:
@@ -33,7 +38,7 @@ class WorldBuilder:
         try:
             return torch.tensor([self.bundle.vocab.encode(text, self.cfg.text_max_len)], dtype=torch.long)
         except UnknownWordsError as e:
-            raise UnknownWordsError(f"{what}: {e}") from None
+            raise UnknownWordsError(str(e) if what == "prompt" else f"{what}: {e}") from None
 
     @torch.no_grad()
     def generate(self, prompt: str | None = None, image=None, num_worlds: int = 16, seed: int = 0,
@@ -47,10 +52,13 @@ class WorldBuilder:
             raise ValueError("give exactly one of prompt= or image=")
         if not isinstance(num_worlds, (int, np.integer)) or isinstance(num_worlds, bool) or num_worlds < 1:
             raise ValueError(f"num_worlds must be a positive integer, got {num_worlds!r}")
+        if prompt is not None:
+            self._text_ids(prompt, "prompt")  # refuse unknown words before any work
         mission = prompt if mission is None else mission
         if mission is None:
             raise ValueError("a level from an image needs mission= (the instruction its reward is scored against)")
-        self._text_ids(mission, "mission")  # refuse unknown words before any work
+        if mission != prompt:
+            self._text_ids(mission, "mission")
         if prompt is not None:
             tokens, source = self._from_prompt(prompt, int(num_worlds), int(seed)), "prompt"
         else:
@@ -64,13 +72,26 @@ class WorldBuilder:
         if "prompt_prior" not in self.bundle.parts:
             raise ValueError(f"world bundle {self.bundle.path} has no prompt_prior part; train the 'prior' stage")
         text = self._text_ids(prompt, "prompt").to(self.device)
-        prior, out = self.bundle.prompt_prior, []
-        for lo in range(0, n, self.batch_size):
-            idx = range(lo, min(n, lo + self.batch_size))
-            gens = level_generators(seed, idx)
-            out.append(prior.generate(text.expand(len(idx), -1), self.cfg.prior_maskgit_steps,
-                                      self.cfg.prior_temperature, self.cfg.maskgit_schedule, gens).cpu())
-        return torch.cat(out).numpy()
+        prior, out, kept, tried, valid = self.bundle.prompt_prior, [], 0, 0, 0
+        constraints = self.bundle.constraints
+        limit = n * (self.max_candidates_per_level if constraints else 1)
+        while kept < n and tried < limit:
+            size = min(self.batch_size, limit - tried) if constraints else min(self.batch_size, n - kept)
+            gens = level_generators(seed, range(tried, tried + size))
+            cand = prior.generate(text.expand(size, -1), self.cfg.prior_maskgit_steps, self.cfg.prior_temperature,
+                                  self.cfg.maskgit_schedule, gens).cpu().numpy()
+            tried += size
+            if constraints:
+                cand = cand[constraints.valid(cand)]
+            valid += len(cand)
+            out.append(cand[: n - kept])
+            kept += len(out[-1])
+        self.last_acceptance = None if not constraints else valid / tried
+        if kept < n:
+            raise ValueError(f"prompt {prompt!r}: only {kept} of {tried} generated levels obey the bundle's level "
+                             f"constraints ({self.bundle.path}/level_constraints.json: exactly one of each token group "
+                             f"{constraints.exactly_one}); the prompt prior may need more training")
+        return np.concatenate(out)
 
     def _from_image(self, image, n: int) -> np.ndarray:
         img = torch.as_tensor(np.asarray(image))

@@ -35,6 +35,19 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from .generate import GenerateConfig, generate
+
+    print(json.dumps(generate(config_from_args(GenerateConfig, args))))
+    return 0
+
+
+def _cmd_play(args) -> int:
+    from .play import run_play
+
+    return run_play(args) or 0
+
+
 def _print_table(d: dict) -> None:
     width = max(len(k) for k in d)
     for k, v in d.items():
@@ -82,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(group, WorldModelConfig)
     p.set_defaults(func=_cmd_pretrain)
 
+    from .generate import GenerateConfig
+
+    p = sub.add_parser("generate", help="prompt -> levels (level file), a PNG grid and a GIF of imagined rollouts")
+    add_config_arguments(p, GenerateConfig, required=("bundle", "out"))
+    p.set_defaults(func=_cmd_generate)
+
+    try:
+        from .play import add_play_arguments
+    except ImportError:  # the play server module is optional until it lands
+        add_play_arguments = None
+    if add_play_arguments is not None:
+        p = sub.add_parser("play", help="play a world in the browser (keyboard), served on 127.0.0.1")
+        add_play_arguments(p)
+        p.set_defaults(func=_cmd_play)
+
     p = sub.add_parser("info", help="show installed versions and summarise a data directory")
     p.add_argument("--data", help="a directory written by `genie-sima collect`")
     p.add_argument("--verify", action="store_true", help="read every frame (checksums) while summarising --data")
@@ -90,12 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that describe bad input: printed as one line, no traceback."""
+    from genie_world.bundle import BundleError
+    from genie_world.config import WorldConfigError
+    from genie_world.levels import LevelFileError
+    from genie_world.text_encoder import UnknownWordsError
+    from genie_world.world import InvalidActionError
+
+    return (GenieSimaError, BundleError, WorldConfigError, LevelFileError, UnknownWordsError, InvalidActionError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except GenieSimaError as e:
+    except _user_errors() as e:
         print(f"genie-sima {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

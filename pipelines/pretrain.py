@@ -152,6 +152,10 @@ def pretrain(args: PretrainArgs, overrides: dict | None = None, log=None) -> dic
         from .pretrain_eval import evaluate_bundle, format_metrics_table
 
         metrics, adapter = evaluate_bundle(bundle, data, facts["action_names"], cfg.seed)
+        from .pretrain_eval import fit_level_constraints
+
+        constraints, constraint_metrics = fit_level_constraints(bundle, data)
+        metrics.update(constraint_metrics)
     finally:
         if started:
             import ray
@@ -160,6 +164,10 @@ def pretrain(args: PretrainArgs, overrides: dict | None = None, log=None) -> dic
     metrics["wall_clock_s"] = round(time.perf_counter() - t0, 1)
     if adapter is not None:
         save_json(run, "action_adapter.json", adapter.to_json())
+    if constraints is not None:
+        from genie_world.level_constraints import FILE as CONSTRAINTS_FILE
+
+        save_json(run, CONSTRAINTS_FILE, constraints.to_json())
     save_json(run, "metrics.json", metrics)
     update_bundle_meta(run, metrics=metrics)
     table = format_metrics_table(metrics)

@@ -24,6 +24,7 @@ import torch
 
 from genie_world.action_adapter import ActionAdapter
 from genie_world.bundle import WorldBundle
+from genie_world.level_constraints import LevelConstraints
 from genie_world.metrics import ssim
 
 
@@ -172,3 +173,27 @@ def format_metrics_table(metrics: dict) -> str:
     lines = [f"| {a:<{w0}} | {b:>{w1}} | {c} |" for a, b, c in rows]
     lines.insert(1, f"|{'-' * (w0 + 2)}|{'-' * (w1 + 2)}|---|")
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def fit_level_constraints(bundle: WorldBundle, data_dir, max_frames: int = 1000) -> tuple[LevelConstraints | None, dict]:
+    """Learn level constraints from real train first frames; report how often the raw prompt prior
+    obeys them (generated levels are filtered by them in WorldBuilder)."""
+    if "tokenizer" not in bundle.parts:
+        return None, {}
+    reader = ClipReader(data_dir, clip_len=2, split="train", first_only=True)
+    frames = np.stack([reader[i]["frames"][0] for i in range(min(len(reader), max_frames))]) if len(reader) else None
+    missions = [reader[i]["mission"] for i in range(min(len(reader), 8))]
+    reader.close()
+    if frames is None:
+        return None, {}
+    _, ids = bundle.tokenizer.encode(torch.from_numpy(frames)[:, None])
+    constraints = LevelConstraints.fit(ids[:, 0].numpy())
+    m = {"level_constraint_groups": len(constraints.exactly_one)}
+    if "prompt_prior" in bundle.parts and bundle.vocab is not None and constraints.exactly_one:
+        cfg = bundle.config
+        text = bundle.vocab.encode_batch([missions[0]] * 64, cfg.text_max_len)
+        raw = bundle.prompt_prior.generate(text, cfg.prior_maskgit_steps, cfg.prior_temperature, cfg.maskgit_schedule,
+                                           torch.Generator().manual_seed(cfg.seed)).numpy()
+        m["prior_raw_valid_fraction"] = round(float(constraints.valid(raw).mean()), 4)
+    return constraints, m

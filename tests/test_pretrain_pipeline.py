@@ -46,6 +46,7 @@ def test_pretrain_all_stages_writes_a_loadable_bundle(small_data, tmp_path):
     meta = json.loads((run / "bundle.json").read_text())
     assert meta["provenance"]["episodes"] == 60 and meta["metrics"]["eval_clips"] > 0
     assert bundle.adapter is not None and bundle.adapter.num_real == 7
+    assert bundle.constraints is not None and "level_constraint_groups" in m
     # Logging: TensorBoard event files and an offline wandb run per stage.
     assert list((run / "tensorboard").glob("*-tokenizer/events.out.tfevents.*"))
     assert list((run / "wandb").glob("offline-run-*"))

@@ -182,3 +182,59 @@ def test_invalid_actions_are_refused_and_step_nothing(bundle, levels):
         latent.step([8, 0])
     with pytest.raises(ValueError, match="never reset"):
         World(bundle, 2).step([0, 0])
+
+
+def test_level_constraints_are_learned_and_enforced(bundle):
+    from genie_world.level_constraints import LevelConstraints
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 50, size=(200, 64))  # "floor and objects": tokens 0..49
+    agent = rng.integers(0, 4, 200) + 100  # one "agent" token per frame, four facings
+    frames[np.arange(200), rng.integers(0, 64, 200)] = agent
+    learned = LevelConstraints.fit(frames)
+    assert learned.exactly_one == [[100, 101, 102, 103]]
+    assert learned.valid(frames).all()
+    broken = frames.copy()
+    broken[0, :] = 7  # no agent
+    broken[1, :2] = [100, 101]  # two agents
+    assert learned.valid(broken[:3]).tolist() == [False, False, True]
+    # The builder keeps only candidates that obey the bundle's constraints, deterministically.
+    builder = WorldBuilder(bundle)
+    free = builder.generate("go to the red ball", num_worlds=64, seed=0).first_tokens
+    common = np.bincount(free.reshape(-1), minlength=1000)
+    group = [int(t) for t in np.argsort(-common)[40:48]]  # tokens that appear in some levels only
+    bundle.constraints = LevelConstraints([group], 200)
+    try:
+        levels = builder.generate("go to the red ball", num_worlds=8, seed=0)
+        assert LevelConstraints([group]).valid(levels.first_tokens).all()
+        assert 0 < builder.last_acceptance < 1
+        np.testing.assert_array_equal(builder.generate("go to the red ball", num_worlds=3, seed=0).first_tokens,
+                                      levels.first_tokens[:3])
+        bundle.constraints = LevelConstraints([[999_999]], 200)  # a token no level can contain
+        with pytest.raises(ValueError, match="only 0 of .* obey the bundle's level constraints"):
+            builder.generate("go to the red ball", num_worlds=2, seed=0)
+    finally:
+        bundle.constraints = None
+
+
+def test_constrained_decoding_keeps_exactly_one_of_each_group(bundle, levels):
+    from genie_world.level_constraints import LevelConstraints
+
+    common = np.bincount(levels.first_tokens.reshape(-1), minlength=1000)
+    group = [int(t) for t in np.argsort(-common)[:3]]  # tokens the random model emits everywhere
+    bundle.constraints = LevelConstraints([group], 200)
+    try:
+        world = World(bundle, 4, max_episode_steps=50, seed=0)
+        free = World(bundle, 4, max_episode_steps=50, seed=0, constrained=False)
+        world.reset(levels)
+        free.reset(levels)
+        counts, free_counts = [], []
+        for t in range(5):
+            a = np.random.default_rng(t).integers(0, 7, 4)
+            s, f = world.step(a), free.step(a)
+            counts.append(np.isin(s.tokens[~s.is_first], group).sum(1))
+            free_counts.append(np.isin(f.tokens[~f.is_first], group).sum(1))
+        assert all((c == 1).all() for c in counts)
+        assert any((c != 1).any() for c in free_counts), "the test's group should be violated without constraints"
+    finally:
+        bundle.constraints = None

@@ -1,0 +1,98 @@
+"""``genie-sima generate``: a prompt (or an image) -> a level file, a PNG grid of the first frames and
+a GIF of imagined rollouts (random or scripted actions) in those levels."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .atomic_io import check_writable_dir
+from .config import save_config
+from .errors import ConfigError
+from .pictures import frame_grid, save_gif, save_png
+
+
+def _f(default, help_text, **extra):
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass
+class GenerateConfig:
+    bundle: str = _f("", "world bundle directory (written by `genie-sima pretrain --out`)")
+    out: str = _f("", "level file to write (HDF5, e.g. levels.h5)")
+    prompt: str | None = _f(None, "text prompt (words from the bundle's vocabulary)")
+    image: str | None = _f(None, "a PNG start frame instead of a prompt (frame-size RGB)")
+    mission: str | None = _f(None, "instruction the reward head scores (default: the prompt)")
+    num_worlds: int = _f(16, "levels to generate")
+    seed: int = _f(0, "seed: same seed, same levels")
+    grid: str | None = _f(None, "write a PNG grid of the levels' first frames here")
+    rollout: str | None = _f(None, "write a GIF of imagined rollouts here")
+    rollout_steps: int = _f(16, "steps per rollout in the GIF")
+    rollout_envs: int = _f(16, "levels shown in the GIF (the first N)")
+    policy: str = _f("random", "actions of the rollout GIF", choices=("random", "scripted"))
+    script: str = _f("forward,forward,left,forward,forward,right", "comma-separated action names, repeated, for --policy scripted")
+    max_episode_steps: int = _f(64, "time limit of the imagined episodes")
+
+
+def _load_image(path: str, size: int) -> np.ndarray:
+    from PIL import Image
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"--image {p}: file does not exist")
+    img = np.asarray(Image.open(p).convert("RGB"))
+    if img.shape != (size, size, 3):
+        raise ConfigError(f"--image {p}: is {img.shape[1]}x{img.shape[0]}, the bundle expects {size}x{size} RGB")
+    return img
+
+
+def generate(cfg: GenerateConfig) -> dict:
+    import torch
+
+    from genie_world.bundle import load_bundle
+    from genie_world.levels import save_levels
+    from genie_world.world import World
+    from genie_world.world_builder import WorldBuilder
+
+    if not cfg.bundle or not cfg.out:
+        raise ConfigError("--bundle and --out are required")
+    if (cfg.prompt is None) == (cfg.image is None):
+        raise ConfigError("give exactly one of --prompt or --image")
+    out = Path(cfg.out)
+    for flag, target in [("--out", out), ("--grid", cfg.grid), ("--rollout", cfg.rollout)]:
+        if target:
+            check_writable_dir(Path(target).parent, f"{flag} directory")
+    bundle = load_bundle(cfg.bundle)
+    image = _load_image(cfg.image, bundle.config.frame_size) if cfg.image else None
+    levels = WorldBuilder(bundle).generate(prompt=cfg.prompt, image=image, num_worlds=cfg.num_worlds,
+                                           seed=cfg.seed, mission=cfg.mission)
+    save_levels(out, levels)
+    save_config(cfg, out.with_name(out.name + ".config.json"), bundle_fingerprint=bundle.fingerprint)
+    result = {"levels": str(out), "num_worlds": len(levels), "distinct_levels": levels.distinct(),
+              "bundle_fingerprint": bundle.fingerprint}
+    if cfg.grid:
+        with torch.no_grad():
+            first = bundle.tokenizer.decode(torch.as_tensor(levels.first_tokens)[:, None])[:, 0]
+        frames = (first.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        result["grid"] = str(save_png(cfg.grid, frame_grid(frames)))
+    if cfg.rollout:
+        n = min(cfg.rollout_envs, len(levels))
+        world = World(bundle, n, max_episode_steps=cfg.max_episode_steps, seed=cfg.seed)
+        pics = [frame_grid(world.reset(levels[:n]).frames)]
+        rng = np.random.default_rng(cfg.seed)
+        script = [s.strip() for s in cfg.script.split(",") if s.strip()]
+        unknown = [s for s in script if s not in world.action_names]
+        if cfg.policy == "scripted" and (unknown or not script):
+            raise ConfigError(f"--script {cfg.script!r}: unknown actions {unknown}; expected names from "
+                              f"{world.action_names}")
+        for t in range(cfg.rollout_steps):
+            if cfg.policy == "random":
+                acts = rng.integers(0, world.num_actions, n)
+            else:
+                acts = np.full(n, world.action_names.index(script[t % len(script)]))
+            pics.append(frame_grid(world.step(acts).frames))
+        result["rollout"] = str(save_gif(cfg.rollout, pics))
+    return result
