@@ -72,21 +72,22 @@ def constrain_logits(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tens
 
     Rows that already hold a group token in a decided (unmasked) position may not place another;
     the others must place one, at the masked position where the group is most likely relative to
-    the best other token there.
+    the best other token there. Works on the group's few columns plus one pass over the codebook
+    (``logits`` is modified in place: MaskGIT hands over a fresh tensor each round).
     """
     neg = torch.finfo(logits.dtype).min
-    out = logits.clone()
-    b = torch.arange(logits.shape[0], device=logits.device)
+    rows = torch.arange(logits.shape[0], device=logits.device)
     for group in groups:
-        in_group = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        in_group[group] = True
-        have = (~masked & in_group[ids.clamp_max(logits.shape[-1] - 1)]).any(1)  # [B]
-        best_in = logits[..., in_group].amax(-1)  # [B, P]
-        best_out = logits[..., ~in_group].amax(-1)
+        in_group = logits.index_select(-1, group)  # [B, P, G]
+        best_in = in_group.amax(-1)  # [B, P]
+        logits.index_fill_(-1, group, neg)  # no group token anywhere ...
+        best_out = logits.amax(-1)
+        decided = ~masked & torch.isin(ids, group)
+        need = ~decided.any(1)  # [B]
         margin = torch.where(masked, best_in - best_out, torch.full_like(best_in, neg))
-        pos = margin.argmax(1)  # [B]: where each row's group token goes
-        chosen = torch.zeros_like(masked)
-        chosen[b, pos] = ~have
-        out[..., in_group] = torch.where(chosen[..., None], out[..., in_group], torch.full_like(out[..., in_group], neg))
-        out[..., ~in_group] = torch.where(chosen[..., None], torch.full_like(out[..., ~in_group], neg), out[..., ~in_group])
-    return out
+        pos = margin.argmax(1)  # [B]
+        # ... except at each needing row's chosen position, where only group tokens remain.
+        chosen = torch.full_like(logits[rows, pos], neg)  # [B, V]
+        chosen.index_copy_(-1, group, in_group[rows, pos])
+        logits[rows[need], pos[need]] = chosen[need]
+    return logits

@@ -25,11 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 or x.is_cuda:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # bf16 on CPU: F.rms_norm has no fused kernel there and was ~20x slower than this (BENCHMARKS.md).
-        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square() / x.shape[-1]
-        return x * torch.rsqrt(ms + self.eps).to(x.dtype) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
