@@ -32,7 +32,7 @@ from .level_constraints import FILE as CONSTRAINTS_FILE, LevelConstraints
 from .text_encoder import Vocabulary
 
 FORMAT = "genie-sima-world-bundle"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the reward/termination head reads the token grid with convolutions (was a transformer)
 
 
 class BundleError(ValueError):

@@ -42,7 +42,7 @@ def test_round_trip(bundle_dir):
     assert bundle.vocab.words == Vocabulary.from_texts(["go to the red ball", "pick up the blue key"]).words
     assert len(bundle.fingerprint) == 16
     meta = json.loads((run / "bundle.json").read_text())
-    assert meta["schema_version"] == 1 and meta["parts"]["tokenizer"]["params"] > 0
+    assert meta["schema_version"] == 2 and meta["parts"]["tokenizer"]["params"] > 0
     # Loading a subset of parts works and leaves the rest out.
     assert set(load_bundle(run, parts=("tokenizer",)).parts) == {"tokenizer"}
 
@@ -55,7 +55,7 @@ def test_missing_bundle_json(tmp_path):
 def test_other_schema_version(bundle_dir):
     run, _ = bundle_dir
     update_bundle_meta(run, schema_version=7)
-    with pytest.raises(BundleError, match=r"schema_version is 7, this genie-sima reads schema_version 1"):
+    with pytest.raises(BundleError, match=r"schema_version is 7, this genie-sima reads schema_version 2"):
         load_bundle(run)
 
 

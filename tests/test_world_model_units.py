@@ -215,3 +215,42 @@ def test_spatial_rope_sees_relative_positions():
     s = rotary_2d(q_rep, 4) @ rotary_2d(k_rep, 4).transpose(-1, -2)  # [1, 1, 16, 16]
     torch.testing.assert_close(s[0, 0, 0, 5], s[0, 0, 5, 10])  # both are (dy, dx) = (1, 1)
     assert not torch.allclose(s[0, 0, 0, 5], s[0, 0, 0, 6])
+
+
+def test_reward_head_learns_a_relational_termination_rule():
+    """Terminated iff the tile right of the agent holds the object the mission names: the relation
+    BabyAI's GoTo levels end on, which the previous transformer head never learned."""
+    from genie_world.reward_head import RewardHead
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        ids = torch.zeros(n, 64, dtype=torch.long)  # token 0: floor
+        objects = torch.randint(2, 6, (n, 3), generator=g)  # tokens 2..5: four object kinds
+        cells = torch.stack([torch.randperm(64, generator=g)[:4] for _ in range(n)])
+        cells[:, 0] = torch.randint(0, 8, (n,), generator=g) * 8 + torch.randint(0, 7, (n,), generator=g)
+        front = cells[:, 0] + 1  # the agent faces right; its front cell gets an object half the time
+        cells[:, 1] = torch.where(torch.rand(n, generator=g) < 0.5, front, cells[:, 1])
+        cells[:, 1:] = torch.where(cells[:, 1:] == cells[:, :1], (cells[:, 1:] + 2) % 64, cells[:, 1:])
+        ids.scatter_(1, cells[:, 1:], objects)
+        ids[torch.arange(n), cells[:, 0]] = 1  # token 1: the agent
+        target = torch.where(torch.rand(n, generator=g) < 0.5, ids[torch.arange(n), front],
+                             torch.randint(2, 6, (n,), generator=g)).clamp_min(2)
+        text = target[:, None] - 1  # mission word ids 1..4 name object kinds 2..5
+        term = ids[torch.arange(n), front] == target
+        return text, ids, term.float(), term
+
+    head = RewardHead(6, 1, 8, 64, 32, 2, 3)
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
+    for _ in range(400):
+        text, ids, reward, term = batch(64)
+        loss, _ = head.loss(text, ids, reward, term)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    text, ids, _, term = batch(2000)
+    with torch.no_grad():
+        pred = head(text, ids)[1] > 0
+    balanced = 0.5 * (pred[term].float().mean() + (~pred[~term]).float().mean())
+    assert term.float().mean() > 0.15 and balanced > 0.9, float(balanced)
