@@ -42,6 +42,14 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .train_policy import TrainConfig, train
+
+    result = train(config_from_args(TrainConfig, args))
+    print(json.dumps(result))
+    return 0
+
+
 def _cmd_play(args) -> int:
     from .play import run_play
 
@@ -100,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="prompt -> levels (level file), a PNG grid and a GIF of imagined rollouts")
     add_config_arguments(p, GenerateConfig, required=("bundle", "out"))
     p.set_defaults(func=_cmd_generate)
+
+    from .train_policy import TrainConfig
+
+    p = sub.add_parser("train", help="train the SIMA agent with RLlib PPO in a world model (or the real game)")
+    add_config_arguments(p, TrainConfig, required=("env", "out"))
+    p.set_defaults(func=_cmd_train)
 
     try:
         from .play import add_play_arguments

@@ -17,6 +17,11 @@ from .atomic_io import write_json_atomic
 from .errors import ConfigError
 
 
+def config_field(default, help_text: str, **extra):
+    """A dataclass field whose help (and choices) become the CLI flag's."""
+    return dataclasses.field(default=default, metadata={"help": help_text, **extra})
+
+
 def _unwrap_optional(tp) -> tuple[Any, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):

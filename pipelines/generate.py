@@ -3,20 +3,15 @@ a GIF of imagined rollouts (random or scripted actions) in those levels."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .atomic_io import check_writable_dir
-from .config import save_config
+from .config import config_field as _f, save_config
 from .errors import ConfigError
 from .pictures import frame_grid, save_gif, save_png
-
-
-def _f(default, help_text, **extra):
-    return field(default=default, metadata={"help": help_text, **extra})
 
 
 @dataclass

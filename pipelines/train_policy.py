@@ -1,0 +1,264 @@
+"""``genie-sima train``: PPO (+ language matching + contrastive losses) with RLlib learners, in an
+imagined world served by a WorldModelServer, or in the real BabyAI game (the baseline).
+
+    --env "world://RUN?prompt=go to the red ball&num_levels=256&max_episode_steps=64"
+    --env babyai:BabyAI-GoToLocal-v0
+
+World envs: this driver starts one named WorldModelServer per run (GPU if one is there); every
+EnvRunner's vector env finds it by name, so a restarted EnvRunner reconnects to the same server. Each
+EnvRunner's ``step`` is one call to the server for all its envs.
+
+Writes OUT/config.json (resolved), OUT/tokenizer.json, OUT/checkpoints/iter_NNNNNN (RLlib checkpoints,
+written to a temp dir and renamed), OUT/tensorboard and offline wandb, OUT/logs/train_events.jsonl.
+``--resume`` continues from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import shutil
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic_io import check_writable_dir
+from .config import save_config
+from .errors import ConfigError
+
+
+def _f(default, help_text, **extra):
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass
+class TrainConfig:
+    env: str = _f("", 'where to train: "world://RUN?prompt=..." (imagination) or "babyai:LEVEL" (real game)')
+    out: str = _f("", "run directory (checkpoints, logs, config)")
+    agent: str = _f("sima", "policy architecture", choices=("sima",))
+    num_envs: int = _f(16, "envs per env runner (one server call steps them all)")
+    rollout_steps: int = _f(64, "steps per env per iteration (train batch = envs x steps x runners)")
+    total_timesteps: int = _f(100_000, "stop after this many env steps")
+    num_env_runners: int = _f(0, "RLlib EnvRunner actors (0: sample in the driver process)")
+    num_learners: int = _f(0, "RLlib Learner actors (0: learn in the driver process)")
+    minibatch_size: int = _f(256, "PPO minibatch size")
+    num_epochs: int = _f(4, "PPO epochs per iteration")
+    lr: float = _f(3e-4, "learning rate")
+    gamma: float = _f(0.99, "discount")
+    language_coeff: float = _f(0.1, "lambda: weight of the CLIP-style instruction/vision matching loss")
+    contrastive_coeff: float = _f(0.1, "gamma: weight of the MoCo-style contrastive loss")
+    moco_queue_size: int = _f(1024, "MoCo negatives queue")
+    freeze_vision_steps: int = _f(0, "keep the vision encoder frozen for this many gradient steps")
+    vision_dim: int = _f(128, "vision embedding size")
+    hidden_dim: int = _f(256, "fused policy/value hidden size")
+    compile: bool = _f(False, "torch.compile the learner's module (RLlib torch_compile_learner)")
+    checkpoint_every: int = _f(10, "iterations between checkpoints (and one at the end)")
+    resume: bool = _f(False, "continue from the newest checkpoint in --out")
+    wandb: str = _f("offline", "wandb mode", choices=("offline", "online", "disabled"))
+    seed: int = _f(0, "seed")
+    threads: int = _f(1, "torch threads per process (CPU)")
+    address: str | None = _f(None, "Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+
+@dataclass
+class EnvSpec:
+    kind: str  # world | babyai
+    target: str  # bundle path or level id
+    params: dict
+
+
+def parse_env(spec: str) -> EnvSpec:
+    if spec.startswith("world://"):
+        parsed = urllib.parse.urlsplit(spec)
+        target = urllib.parse.unquote(parsed.netloc + parsed.path)
+        params = dict(urllib.parse.parse_qsl(parsed.query, strict_parsing=False))
+        known = {"prompt", "level_file", "num_levels", "max_episode_steps", "mission", "seed", "capacity"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ConfigError(f"--env {spec!r}: unknown parameters {unknown}; expected some of {sorted(known)}")
+        if ("prompt" in params) == ("level_file" in params):
+            raise ConfigError(f"--env {spec!r}: give exactly one of prompt=... or level_file=...")
+        if not target:
+            raise ConfigError(f"--env {spec!r}: expected world://RUN?prompt=... with RUN a world bundle directory")
+        return EnvSpec("world", target, params)
+    if spec.startswith("babyai:"):
+        return EnvSpec("babyai", spec.split(":", 1)[1], {})
+    raise ConfigError(f"--env {spec!r}: expected 'world://RUN?prompt=...' or 'babyai:LEVEL'")
+
+
+def babyai_missions(level: str, n: int = 300, seed: int = 0) -> list[str]:
+    """The missions a BabyAI level generates (for the instruction vocabulary)."""
+    from .data.babyai_game import BabyAIGame
+
+    game = BabyAIGame(level)
+    out = []
+    for i in range(n):
+        game.reset(seed + i)
+        out.append(game.mission)
+    game.close()
+    return out
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("iter_*"))
+    return ckpts[-1] if ckpts else None
+
+
+def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, server_name: str | None):
+    import gymnasium as gym
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+    from ray.tune.registry import register_env
+
+    from sima_policy.learner import SimaPPOLearner
+    from sima_policy.rl_module import SimaRLModule
+
+    from .mission_tokens import babyai_env_creator, world_vector_env_creator
+
+    runners = max(1, cfg.num_env_runners)
+    batch = cfg.num_envs * cfg.rollout_steps * runners
+    config = PPOConfig()
+    if spec.kind == "world":
+        register_env("genie-sima-world", world_vector_env_creator)
+        p = spec.params
+        env_config = {"tokenizer": tokenizer_json, "server": server_name, "seed": cfg.seed,
+                      "num_levels": int(p.get("num_levels", 256)), "max_len": 16}
+        env_config.update({k: p[k] for k in ("prompt", "level_file", "mission") if k in p})
+        config = config.environment("genie-sima-world", env_config=env_config).env_runners(
+            gym_env_vectorize_mode=gym.VectorizeMode.VECTOR_ENTRY_POINT)
+    else:
+        register_env("genie-sima-babyai", babyai_env_creator)
+        config = config.environment("genie-sima-babyai", env_config={"level": spec.target, "tokenizer": tokenizer_json})
+    model_config = {"vision_dim": cfg.vision_dim, "hidden_dim": cfg.hidden_dim, "moco_queue_size": cfg.moco_queue_size}
+    config = (config
+              .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs,
+                           rollout_fragment_length=cfg.rollout_steps, num_cpus_per_env_runner=0.5)
+              .training(train_batch_size_per_learner=batch, minibatch_size=min(cfg.minibatch_size, batch),
+                        num_epochs=cfg.num_epochs, lr=cfg.lr, gamma=cfg.gamma)
+              .rl_module(rl_module_spec=RLModuleSpec(module_class=SimaRLModule, model_config=model_config))
+              .learners(num_learners=cfg.num_learners, learner_class=SimaPPOLearner,
+                        learner_config_dict={"language_coeff": cfg.language_coeff,
+                                             "contrastive_coeff": cfg.contrastive_coeff,
+                                             "moco_queue_size": cfg.moco_queue_size,
+                                             "freeze_vision_steps": cfg.freeze_vision_steps})
+              .fault_tolerance(restart_failed_env_runners=True)
+              .debugging(seed=cfg.seed))
+    if cfg.compile:
+        config = config.framework(torch_compile_learner=True)
+    return config
+
+
+def _flat_metrics(result: dict) -> dict:
+    out = {}
+    runners = result.get("env_runners", {})
+    for k in ("episode_return_mean", "episode_len_mean", "num_env_steps_sampled_lifetime", "num_episodes_lifetime"):
+        if k in runners:
+            out[f"env_runners/{k}"] = runners[k]
+    for mid, m in result.get("learners", {}).items():
+        if not isinstance(m, dict):
+            continue
+        for k in ("total_loss", "policy_loss", "vf_loss", "entropy", "language_matching_loss",
+                  "language_matching_accuracy", "contrastive_loss", "contrastive_accuracy", "moco_queue_fill"):
+            if k in m:
+                out[f"learners/{mid}/{k}"] = m[k]
+    return {k: float(v) for k, v in out.items() if isinstance(v, numbers.Real)}  # numpy scalars too
+
+
+def train(cfg: TrainConfig, log=None) -> dict:
+    import ray
+    import torch
+
+    from sima_policy.instruction_tokenizer import InstructionTokenizer
+
+    from .ray_runtime import ensure_ray
+    from .run_logger import RunLogger
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not cfg.env or not cfg.out:
+        raise ConfigError("--env and --out are required")
+    for name in ("num_envs", "rollout_steps", "total_timesteps", "num_epochs", "checkpoint_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    spec = parse_env(cfg.env)
+    out = Path(cfg.out).resolve()
+    check_writable_dir(out, "--out")
+    latest = _latest_checkpoint(out)
+    if latest is not None and not cfg.resume:
+        raise ConfigError(f"--out {out} already has checkpoints ({latest.name}); pass --resume to continue "
+                          "or choose a new --out")
+    torch.set_num_threads(cfg.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+
+    started = ensure_ray(cfg.address)
+    server, server_name = None, None
+    try:
+        if spec.kind == "world":
+            from genie_world.bundle import load_bundle
+
+            bundle = load_bundle(spec.target, parts=("tokenizer",))  # vocabulary and a fast refusal
+            tokenizer = InstructionTokenizer.from_texts(bundle.vocab.words[1:], max_len=16)
+            from genie_world.world_server import start_world_server
+
+            server_name = f"genie-sima-train-{out.name}"
+            capacity = int(spec.params.get("capacity", cfg.num_envs * max(1, cfg.num_env_runners)))
+            gpu = torch.cuda.is_available()
+            server = start_world_server(spec.target, name=server_name, num_gpus=1 if gpu else 0,
+                                        num_cpus=0.5, capacity=capacity, max_batch=capacity,
+                                        max_episode_steps=int(spec.params.get("max_episode_steps", 64)),
+                                        threads=cfg.threads)
+            info = ray.get(server.info.remote())
+            log(f"train: world server {server_name} ({info['capacity']} envs, bundle {info['fingerprint']})")
+        else:
+            tokenizer = InstructionTokenizer.from_texts(babyai_missions(spec.target), max_len=16)
+        (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()))
+        save_config(cfg, out / "config.json")
+        algo = build_algo_config(cfg, spec, tokenizer.to_json(), server_name).build_algo()
+        if latest is not None:
+            algo.restore_from_path(str(latest))
+            log(f"train: resumed from {latest}")
+        logger = RunLogger(out, "train", {"env": cfg.env, **{k: v for k, v in vars(cfg).items()}}, cfg.wandb)
+        events = out / "logs"
+        events.mkdir(exist_ok=True)
+        steps, it, t0, result = 0, algo.iteration, time.perf_counter(), {}
+        try:
+            while steps < cfg.total_timesteps:
+                result = algo.train()
+                it = algo.iteration
+                if "learners" not in result:  # an EnvRunner failed and was restarted; RLlib returns no update
+                    log(f"train: iteration {it}: no learner update (env runner restarted?)")
+                metrics = _flat_metrics(result)
+                steps = int(metrics.get("env_runners/num_env_steps_sampled_lifetime", steps))
+                logger.scalars(steps, metrics)
+                rate = steps / max(1e-9, time.perf_counter() - t0)
+                log(f"train: iter {it} steps {steps}/{cfg.total_timesteps} "
+                    f"return {metrics.get('env_runners/episode_return_mean', float('nan')):.3f} ({rate:.0f} steps/s)")
+                with open(events / "train_events.jsonl", "a") as fh:
+                    fh.write(json.dumps({"iteration": it, "steps": steps, **metrics}) + "\n")
+                if it % cfg.checkpoint_every == 0 or steps >= cfg.total_timesteps:
+                    _checkpoint(algo, out, it)
+        finally:
+            logger.close()
+            algo.stop()
+        return {"out": str(out), "iterations": it, "env_steps": steps, "metrics": _flat_metrics(result),
+                "checkpoint": str(_latest_checkpoint(out))}
+    finally:
+        if server is not None:
+            ray.kill(server)
+        if started:
+            ray.shutdown()
+
+
+def _checkpoint(algo, out: Path, iteration: int) -> Path:
+    """RLlib writes a directory; it appears under its final name only once complete."""
+    final = out / "checkpoints" / f"iter_{iteration:06d}"
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    algo.save_to_path(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final

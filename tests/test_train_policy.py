@@ -1,0 +1,53 @@
+"""`genie-sima train`: PPO + the SIMA losses through real RLlib, in a world served by a real
+WorldModelServer (imagination) and in the real BabyAI game; checkpoints, resume and refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.errors import ConfigError
+from pipelines.train_policy import TrainConfig, parse_env, train
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(num_envs=4, rollout_steps=16, minibatch_size=32, num_epochs=1, vision_dim=32, hidden_dim=64,
+             moco_queue_size=64, checkpoint_every=1, wandb="offline", threads=1)
+
+
+def test_two_ppo_iterations_against_a_world_model_server_then_resume(random_bundle, tmp_path, ray_local):
+    out = tmp_path / "run"
+    env = f"world://{random_bundle}?prompt=go to the red ball&max_episode_steps=8"
+    result = train(TrainConfig(env=env, out=str(out), total_timesteps=128, **SMALL), log=lambda m: None)
+    assert result["iterations"] == 2 and result["env_steps"] >= 128
+    m = result["metrics"]
+    for key in ("learners/default_policy/policy_loss", "learners/default_policy/language_matching_loss",
+                "learners/default_policy/contrastive_loss", "env_runners/episode_return_mean"):
+        assert key in m, key
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_000001", "iter_000002"]
+    assert json.loads((out / "config.json").read_text())["config"]["env"] == env
+    assert (out / "tokenizer.json").exists() and list((out / "tensorboard" / "train").glob("events.*"))
+    events = [json.loads(line) for line in (out / "logs" / "train_events.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in events] == [1, 2]
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        train(TrainConfig(env=env, out=str(out), total_timesteps=192, **SMALL), log=lambda m: None)
+    again = train(TrainConfig(env=env, out=str(out), total_timesteps=192, resume=True, **SMALL), log=lambda m: None)
+    assert again["iterations"] == 3 and again["env_steps"] >= 192
+
+
+def test_one_ppo_iteration_in_the_real_game(tmp_path, ray_local):
+    result = train(TrainConfig(env="babyai:BabyAI-GoToRedBall-v0", out=str(tmp_path / "real"), total_timesteps=64,
+                               **SMALL), log=lambda m: None)
+    assert result["iterations"] == 1 and "learners/default_policy/total_loss" in result["metrics"]
+
+
+def test_env_spec_refusals():
+    with pytest.raises(ConfigError, match="expected 'world://RUN"):
+        parse_env("atari:Pong")
+    with pytest.raises(ConfigError, match="exactly one of prompt"):
+        parse_env("world://runs/x")
+    with pytest.raises(ConfigError, match=r"unknown parameters \['promt'\]"):
+        parse_env("world://runs/x?promt=go")
+    spec = parse_env("world://runs/x?prompt=go%20to%20the%20red%20ball&num_levels=8")
+    assert spec.target == "runs/x" and spec.params == {"prompt": "go to the red ball", "num_levels": "8"}
