@@ -22,9 +22,15 @@ FILE = "level_constraints.json"
 
 
 class LevelConstraints:
-    def __init__(self, exactly_one: list[list[int]] | None = None, frames: int = 0):
+    def __init__(self, exactly_one: list[list[int]] | None = None, frames: int = 0,
+                 reward_only_at_termination: bool = False):
         self.exactly_one = [sorted(int(t) for t in g) for g in (exactly_one or [])]
         self.frames = int(frames)
+        # True when every nonzero reward in the data came with termination (BabyAI: reward on success
+        # only). The World then pays the head's reward only on steps it predicts terminal: otherwise
+        # the head's small errors on ordinary steps (MAE ~0.03) add up over an episode to more than
+        # the real success reward, and PPO learns to farm them.
+        self.reward_only_at_termination = bool(reward_only_at_termination)
 
     @classmethod
     def fit(cls, first_tokens: np.ndarray, min_frames: int = 50) -> "LevelConstraints":
@@ -59,11 +65,12 @@ class LevelConstraints:
         return ok
 
     def to_json(self) -> dict:
-        return {"exactly_one": self.exactly_one, "frames": self.frames}
+        return {"exactly_one": self.exactly_one, "frames": self.frames,
+                "reward_only_at_termination": self.reward_only_at_termination}
 
     @classmethod
     def from_json(cls, d: dict) -> "LevelConstraints":
-        return cls(d.get("exactly_one", []), d.get("frames", 0))
+        return cls(d.get("exactly_one", []), d.get("frames", 0), d.get("reward_only_at_termination", False))
 
 
 def constrain_logits(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor,

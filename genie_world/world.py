@@ -147,6 +147,7 @@ class World:
         self.adapter = bundle.adapter
         # Decode every frame under the bundle's level constraints (e.g. exactly one agent): without
         # them the tiny model's agent faded out of about half of the rollouts within 8 steps.
+        self._sparse_reward = bool(bundle.constraints and bundle.constraints.reward_only_at_termination)
         groups = bundle.constraints.exactly_one if (constrained and bundle.constraints) else []
         self._constrain = None
         if groups:
@@ -370,5 +371,8 @@ class World:
             pix = self.tok.decode_slots(new, sub.dec).float()  # [B, H, W, 3] in about [0, 1]
             frames = (pix.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         reward, term_logit = self.head(sub.mission_ids, new)
+        terminated = term_logit > 0
+        if self._sparse_reward:
+            reward = torch.where(terminated, reward, torch.zeros_like(reward))
         return {"frames": frames, "tokens": new.cpu().numpy(), "rewards": reward.float().cpu().numpy(),
-                "terminated": (term_logit > 0).cpu().numpy()}
+                "terminated": terminated.cpu().numpy()}

@@ -50,6 +50,14 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from .evaluate import EvaluateConfig, evaluate, format_table
+
+    result = evaluate(config_from_args(EvaluateConfig, args), log=lambda m: print(m, file=sys.stderr))
+    print(format_table(result["rows"]))
+    return 0
+
+
 def _cmd_play(args) -> int:
     from .play import run_play
 
@@ -115,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, TrainConfig, required=("env", "out"))
     p.set_defaults(func=_cmd_train)
 
+    from .evaluate import EvaluateConfig
+
+    p = sub.add_parser("evaluate", help="run a trained policy in the REAL game beside random and bot baselines")
+    add_config_arguments(p, EvaluateConfig)
+    p.set_defaults(func=_cmd_evaluate)
+
     try:
         from .play import add_play_arguments
     except ImportError:  # the play server module is optional until it lands
@@ -139,8 +153,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from genie_world.levels import LevelFileError
     from genie_world.text_encoder import UnknownWordsError
     from genie_world.world import InvalidActionError
+    from sima_policy.instruction_tokenizer import UnknownWordsError as UnknownInstructionWords
 
-    return (GenieSimaError, BundleError, WorldConfigError, LevelFileError, UnknownWordsError, InvalidActionError)
+    return (GenieSimaError, BundleError, WorldConfigError, LevelFileError, UnknownWordsError, InvalidActionError,
+            UnknownInstructionWords)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,6 +189,7 @@ def fit_level_constraints(bundle: WorldBundle, data_dir, max_frames: int = 1000)
         return None, {}
     _, ids = bundle.tokenizer.encode(torch.from_numpy(frames)[:, None])
     constraints = LevelConstraints.fit(ids[:, 0].numpy())
+    constraints.reward_only_at_termination = _reward_only_at_termination(data_dir, max_frames)
     m = {"level_constraint_groups": len(constraints.exactly_one)}
     if "prompt_prior" in bundle.parts and bundle.vocab is not None and constraints.exactly_one:
         cfg = bundle.config
@@ -197,3 +198,17 @@ def fit_level_constraints(bundle: WorldBundle, data_dir, max_frames: int = 1000)
                                            torch.Generator().manual_seed(cfg.seed)).numpy()
         m["prior_raw_valid_fraction"] = round(float(constraints.valid(raw).mean()), 4)
     return constraints, m
+
+
+def _reward_only_at_termination(data_dir, max_clips: int) -> bool:
+    """Did every nonzero reward among (up to) ``max_clips`` train transitions come with termination?"""
+    reader = ClipReader(data_dir, clip_len=2, split="train")
+    idx = np.random.default_rng(0).permutation(len(reader))[:max_clips]
+    rewards, terminated = [], []
+    for i in idx:
+        c = reader[int(i)]
+        rewards.append(c["rewards"][0])
+        terminated.append(c["terminated"][0])
+    reader.close()
+    rewards, terminated = np.asarray(rewards), np.asarray(terminated, bool)
+    return bool(len(rewards) and (rewards[~terminated] == 0).all())

@@ -1,8 +1,7 @@
 """The head's metrics export port shows genie-sima's custom metrics while the parts that report them
 run: a real `ray start --head --metrics-export-port`, a driver that starts a WorldModelServer and
-steps it, and the pretraining gauges, scraped over HTTP in Prometheus text format.
-
-Replay-shard metrics join this list when the replay buffer exists (the agent issue).
+steps it, a sharded replay buffer it adds to and samples from, and the pretraining gauges, scraped
+over HTTP in Prometheus text format.
 """
 
 from __future__ import annotations
@@ -25,6 +24,9 @@ EXPECTED = [
     "ray_genie_sima_world_queue_latency_ms",
     "ray_genie_sima_pretrain_samples_per_s",
     "ray_genie_sima_pretrain_loss",
+    "ray_genie_sima_replay_size",
+    "ray_genie_sima_replay_adds_per_s",
+    "ray_genie_sima_replay_samples_per_s",
 ]
 
 DRIVER = textwrap.dedent('''
@@ -47,9 +49,19 @@ DRIVER = textwrap.dedent('''
     server = start_world_server(sys.argv[2], name="scrape-world", num_cpus=0.5, capacity=8, threads=1)
     env = WorldVectorEnv(4, server="scrape-world", prompt="go to the red ball")
     env.reset()
-    t0 = time.time()
-    while time.time() - t0 < 3:  # the steps/s gauge is set once a second
-        env.step(np.zeros(4, np.int64))
+    from pipelines.replay.sharded_replay import ShardedReplay
+    replay = ShardedReplay(name="scrape-replay", num_shards=2, capacity_per_shard=1000, obs_tokens=64)
+    t0, episode = time.time(), 0
+    while time.time() - t0 < 3:  # the rate gauges are set once a second
+        obs = env.step(np.zeros(4, np.int64))[0]
+        n = 8
+        replay.add({"obs_tokens": np.zeros((n, 64), np.int16), "next_obs_tokens": np.zeros((n, 64), np.int16),
+                    "action": np.zeros(n, np.int32), "reward": np.zeros(n, np.float32),
+                    "terminated": np.arange(n) == n - 1, "truncated": np.zeros(n, bool),
+                    "mission_id": np.zeros(n, np.int32), "episode_id": np.full(n, episode, np.int64),
+                    "step": np.arange(n, dtype=np.int32)})
+        episode += 1
+        replay.sample(16)
     print("DRIVER-READY", flush=True)
     time.sleep(float(sys.argv[3]))
 ''')
@@ -83,6 +95,8 @@ def test_head_metrics_port_exports_every_custom_metric(random_bundle, tmp_path):
                 missing = [m for m in EXPECTED if m not in text]
             assert not missing, f"not exported: {missing}\n" + "\n".join(
                 ln for ln in text.splitlines() if "genie_sima" in ln)[:3000]
+            size = [ln for ln in text.splitlines() if ln.startswith("ray_genie_sima_replay_size{")]
+            assert any('shard="scrape-replay-' in ln and float(ln.rsplit(" ", 1)[1]) > 0 for ln in size), size
             steps = [ln for ln in text.splitlines() if ln.startswith("ray_genie_sima_world_env_steps_per_s{")]
             assert any('server="scrape-world"' in ln and float(ln.rsplit(" ", 1)[1]) > 0 for ln in steps), steps
         finally:

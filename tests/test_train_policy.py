@@ -36,10 +36,21 @@ def test_two_ppo_iterations_against_a_world_model_server_then_resume(random_bund
     assert again["iterations"] == 3 and again["env_steps"] >= 192
 
 
-def test_one_ppo_iteration_in_the_real_game(tmp_path, ray_local):
-    result = train(TrainConfig(env="babyai:BabyAI-GoToRedBall-v0", out=str(tmp_path / "real"), total_timesteps=64,
-                               **SMALL), log=lambda m: None)
+def test_one_ppo_iteration_in_the_real_game_then_evaluate_it(tmp_path, ray_local):
+    from pipelines.evaluate import EvaluateConfig, evaluate
+
+    run = tmp_path / "real"
+    result = train(TrainConfig(env="babyai:BabyAI-GoToRedBall-v0", out=str(run), total_timesteps=64, **SMALL),
+                   log=lambda m: None)
     assert result["iterations"] == 1 and "learners/default_policy/total_loss" in result["metrics"]
+    ev = evaluate(EvaluateConfig(policy=str(run), levels="BabyAI-GoToRedBall-v0", episodes=6, max_steps=32),
+                  log=lambda m: None)
+    rows = {r["agent"]: r for r in ev["rows"]}
+    assert set(rows) == {"policy", "random", "bot"} and all(r["episodes"] == 6 for r in rows.values())
+    assert rows["bot"]["success_rate"] == 1.0  # the bot solves GoToRedBall: the harness counts success right
+    assert 0.0 <= rows["policy"]["success_rate"] <= 1.0
+    table = (run / "evaluation.md").read_text()
+    assert "| BabyAI-GoToRedBall-v0 | bot | 6 | 1.000 |" in table
 
 
 def test_env_spec_refusals():

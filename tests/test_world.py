@@ -238,3 +238,21 @@ def test_constrained_decoding_keeps_exactly_one_of_each_group(bundle, levels):
         assert any((c != 1).any() for c in free_counts), "the test's group should be violated without constraints"
     finally:
         bundle.constraints = None
+
+
+def test_reward_paid_only_on_predicted_termination_when_the_data_says_so(bundle, levels):
+    from genie_world.level_constraints import LevelConstraints
+
+    dense = World(bundle, 4, max_episode_steps=6, seed=0)
+    dense.reset(levels)
+    bundle.constraints = LevelConstraints([], 0, reward_only_at_termination=True)
+    try:
+        sparse = World(bundle, 4, max_episode_steps=6, seed=0)
+        sparse.reset(levels)
+        for t in range(6):
+            a = np.random.default_rng(t).integers(0, 7, 4)
+            d, s = dense.step(a), sparse.step(a)
+            np.testing.assert_array_equal(d.terminated, s.terminated)
+            np.testing.assert_allclose(s.rewards, np.where(d.terminated, d.rewards, 0.0))
+    finally:
+        bundle.constraints = None
