@@ -69,7 +69,7 @@ class WorldModelServerImpl:
         self._loop_task = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one World, one stepper
         self.stats_ = {"env_steps": 0, "batches": 0, "batch_envs": 0, "queue_s": 0.0, "requests": 0,
-                       "started": time.time()}
+                       "episodes_terminated": 0, "episodes_truncated": 0, "started": time.time()}
         self._metrics = None
         try:
             from ray.util import metrics
@@ -212,6 +212,8 @@ class WorldModelServerImpl:
             if self._metrics:
                 self._metrics["latency"].observe((now - r.t_enqueued) * 1000)
         self.stats_["env_steps"] += len(envs)
+        self.stats_["episodes_terminated"] += int(out.terminated.sum())  # in imagination: the head says "success"
+        self.stats_["episodes_truncated"] += int(out.truncated.sum())
         self.stats_["batches"] += 1
         self.stats_["batch_envs"] += len(envs)
         self.stats_["requests"] += len(chunk)

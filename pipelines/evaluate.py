@@ -19,6 +19,7 @@ import numpy as np
 from .atomic_io import check_writable_dir, write_json_atomic
 from .config import config_field as _f, save_config
 from .errors import ConfigError
+from .progress import ProgressLine
 
 
 @dataclass
@@ -35,7 +36,7 @@ class EvaluateConfig:
 
 
 def _checkpoint_dir(policy: str) -> Path:
-    p = Path(policy)
+    p = Path(policy).resolve()  # RLlib reads checkpoints by URI: relative paths have no scheme
     if (p / "checkpoints").is_dir():
         ckpts = sorted((p / "checkpoints").glob("iter_*"))
         if not ckpts:
@@ -78,7 +79,7 @@ class PolicyAgent:
 
 
 def run_episodes(level: str, agent: str, episodes: int, seed: int, max_steps: int, policy=None,
-                 frame_size: int = 64) -> dict:
+                 frame_size: int = 64, progress=None) -> dict:
     """``agent``: policy | random | bot. Returns per-episode success, return and length."""
     from minigrid.utils.baby_ai_bot import BabyAIBot
 
@@ -115,6 +116,8 @@ def run_episodes(level: str, agent: str, episodes: int, seed: int, max_steps: in
         success += won.tolist()
         returns += ret.tolist()
         lengths += steps.tolist()
+        if progress is not None:
+            progress(len(success))
     success_a, lengths_a = np.array(success), np.array(lengths)
     return {"episodes": episodes, "success_rate": float(success_a.mean()), "mean_return": float(np.mean(returns)),
             "mean_length_success": float(lengths_a[success_a].mean()) if success_a.any() else None}
@@ -139,9 +142,13 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     policy = PolicyAgent(checkpoint, cfg.greedy) if checkpoint else None
     agents = (["policy"] if policy else []) + baselines
     rows = []
+    total = len(levels) * len(agents) * cfg.episodes
+    line = ProgressLine("evaluate", total, "episodes", every_s=5.0)
     for level in levels:
         for agent in agents:
-            r = run_episodes(level, agent, cfg.episodes, cfg.seed, cfg.max_steps, policy)
+            base = len(rows) * cfg.episodes
+            r = run_episodes(level, agent, cfg.episodes, cfg.seed, cfg.max_steps, policy,
+                             progress=lambda n, base=base: line.update(base + n))
             rows.append({"level": level, "agent": agent, **r})
             log(f"evaluate: {level} {agent}: success {r['success_rate']:.3f} return {r['mean_return']:.3f}")
     result = {"policy": str(checkpoint) if checkpoint else None, "rows": rows}

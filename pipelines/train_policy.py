@@ -22,16 +22,12 @@ import shutil
 import sys
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic_io import check_writable_dir
-from .config import save_config
+from .config import config_field as _f, save_config
 from .errors import ConfigError
-
-
-def _f(default, help_text, **extra):
-    return field(default=default, metadata={"help": help_text, **extra})
 
 
 @dataclass
@@ -223,18 +219,33 @@ def train(cfg: TrainConfig, log=None) -> dict:
         events = out / "logs"
         events.mkdir(exist_ok=True)
         steps, it, t0, result = 0, algo.iteration, time.perf_counter(), {}
+        gauges = _train_gauges()
+        ends = (0, 0)
         try:
             while steps < cfg.total_timesteps:
+                t_iter, steps_before = time.perf_counter(), steps
                 result = algo.train()
                 it = algo.iteration
                 if "learners" not in result:  # an EnvRunner failed and was restarted; RLlib returns no update
                     log(f"train: iteration {it}: no learner update (env runner restarted?)")
                 metrics = _flat_metrics(result)
                 steps = int(metrics.get("env_runners/num_env_steps_sampled_lifetime", steps))
+                gauges["steps"].set((steps - steps_before) / max(1e-9, time.perf_counter() - t_iter))
+                if server is not None:
+                    st = ray.get(server.stats.remote())
+                    done = (st["episodes_terminated"] - ends[0], st["episodes_truncated"] - ends[1])
+                    ends = (st["episodes_terminated"], st["episodes_truncated"])
+                    if sum(done):
+                        metrics["imagined_success"] = done[0] / sum(done)
+                        gauges["success"].set(metrics["imagined_success"])
                 logger.scalars(steps, metrics)
-                rate = steps / max(1e-9, time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                rate = steps / max(1e-9, elapsed)
+                eta = max(0.0, (cfg.total_timesteps - steps) / max(rate, 1e-9))
                 log(f"train: iter {it} steps {steps}/{cfg.total_timesteps} "
-                    f"return {metrics.get('env_runners/episode_return_mean', float('nan')):.3f} ({rate:.0f} steps/s)")
+                    f"return {metrics.get('env_runners/episode_return_mean', float('nan')):.3f}"
+                    + (f" imagined success {metrics['imagined_success']:.2f}" if "imagined_success" in metrics else "")
+                    + f" | {rate:.0f} steps/s | ETA {eta / 60:.1f} min")
                 with open(events / "train_events.jsonl", "a") as fh:
                     fh.write(json.dumps({"iteration": it, "steps": steps, **metrics}) + "\n")
                 if it % cfg.checkpoint_every == 0 or steps >= cfg.total_timesteps:
@@ -249,6 +260,14 @@ def train(cfg: TrainConfig, log=None) -> dict:
             ray.kill(server)
         if started:
             ray.shutdown()
+
+
+def _train_gauges() -> dict:
+    from ray.util.metrics import Gauge
+
+    return {"steps": Gauge("genie_sima_train_env_steps_per_s", "env steps sampled per second (last iteration)"),
+            "success": Gauge("genie_sima_train_imagined_success",
+                             "share of imagined episodes that ended by predicted termination (success)")}
 
 
 def _checkpoint(algo, out: Path, iteration: int) -> Path:
