@@ -150,7 +150,8 @@ def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, ser
 def _flat_metrics(result: dict) -> dict:
     out = {}
     runners = result.get("env_runners", {})
-    for k in ("episode_return_mean", "episode_len_mean", "num_env_steps_sampled_lifetime", "num_episodes_lifetime"):
+    for k in ("episode_return_mean", "episode_len_mean", "num_env_steps_sampled", "num_env_steps_sampled_lifetime",
+              "num_episodes_lifetime"):
         if k in runners:
             out[f"env_runners/{k}"] = runners[k]
     for mid, m in result.get("learners", {}).items():
@@ -218,19 +219,21 @@ def train(cfg: TrainConfig, log=None) -> dict:
         logger = RunLogger(out, "train", {"env": cfg.env, **{k: v for k, v in vars(cfg).items()}}, cfg.wandb)
         events = out / "logs"
         events.mkdir(exist_ok=True)
-        steps, it, t0, result = 0, algo.iteration, time.perf_counter(), {}
+        steps, it, t0, result, sampled_here = 0, algo.iteration, time.perf_counter(), {}, 0
         gauges = _train_gauges()
         ends = (0, 0)
         try:
             while steps < cfg.total_timesteps:
-                t_iter, steps_before = time.perf_counter(), steps
+                t_iter = time.perf_counter()
                 result = algo.train()
                 it = algo.iteration
                 if "learners" not in result:  # an EnvRunner failed and was restarted; RLlib returns no update
                     log(f"train: iteration {it}: no learner update (env runner restarted?)")
                 metrics = _flat_metrics(result)
                 steps = int(metrics.get("env_runners/num_env_steps_sampled_lifetime", steps))
-                gauges["steps"].set((steps - steps_before) / max(1e-9, time.perf_counter() - t_iter))
+                this_iter = int(metrics.get("env_runners/num_env_steps_sampled", 0))  # not lifetime: right on --resume
+                sampled_here += this_iter
+                gauges["steps"].set(this_iter / max(1e-9, time.perf_counter() - t_iter))
                 if server is not None:
                     st = ray.get(server.stats.remote())
                     done = (st["episodes_terminated"] - ends[0], st["episodes_truncated"] - ends[1])
@@ -240,7 +243,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
                         gauges["success"].set(metrics["imagined_success"])
                 logger.scalars(steps, metrics)
                 elapsed = time.perf_counter() - t0
-                rate = steps / max(1e-9, elapsed)
+                rate = sampled_here / max(1e-9, elapsed)
                 eta = max(0.0, (cfg.total_timesteps - steps) / max(rate, 1e-9))
                 log(f"train: iter {it} steps {steps}/{cfg.total_timesteps} "
                     f"return {metrics.get('env_runners/episode_return_mean', float('nan')):.3f}"
