@@ -80,7 +80,7 @@ class WorldModelConfig:
     tok_steps: int = _f(600, "tokenizer training steps")
     lam_steps: int = _f(650, "latent action model training steps")
     dyn_steps: int = _f(800, "dynamics training steps")
-    head_steps: int = _f(1200, "reward/termination head training steps")
+    head_steps: int = _f(800, "reward/termination head training steps")
     prior_steps: int = _f(300, "prompt prior training steps")
     log_every: int = _f(50, "steps between metric reports")
     checkpoint_every: int = _f(200, "steps between Ray Train checkpoints")
