@@ -15,7 +15,6 @@ timed steps after 3 warm-up steps; 3 after 1 at batch >= 256).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import threading
@@ -38,31 +37,11 @@ MISSION = "go to the red ball"
 
 def random_bundle(preset: str, root: Path) -> Path:
     """A complete bundle of ``preset`` with random weights (what the tests build, at any size)."""
-    import numpy as np
-    import torch
-
-    from genie_world.action_adapter import ActionAdapter
-    from genie_world.build import PART_NAMES, build_part
-    from genie_world.bundle import save_json, save_part
     from genie_world.config import resolve_config
-    from genie_world.text_encoder import Vocabulary
+    from genie_world.random_bundle import write_random_bundle
 
     base, overrides = PRESETS[preset]
-    cfg = resolve_config(base, overrides)
-    torch.manual_seed(0)
-    run = root / preset
-    run.mkdir(parents=True)
-    vocab = Vocabulary.from_texts([MISSION, "go to the blue key"])
-    save_json(run, "config.json", {"config": dataclasses.asdict(cfg)})
-    save_json(run, "vocab.json", vocab.to_json())
-    for name in PART_NAMES:
-        save_part(run, name, build_part(name, cfg, len(vocab)))
-    rng = np.random.default_rng(0)
-    tokens = np.arange(0, 1000, 7)
-    save_json(run, "action_adapter.json", ActionAdapter(
-        7, cfg.num_latent_actions, tokens, rng.normal(size=(cfg.num_latent_actions, len(tokens), 7)),
-        rng.normal(size=(cfg.num_latent_actions, 7))).to_json())
-    return run
+    return write_random_bundle(root / preset, resolve_config(base, overrides), [MISSION, "go to the blue key"])
 
 
 def bench_world(bundle, batch: int, steps: int, precision: str, device: str, ctx: dict) -> None:

@@ -20,7 +20,7 @@ from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
 from .bundle import WorldBundle, load_bundle
-from .levels import LevelSet, load_levels
+from .levels import LevelSet
 
 MISSION_CHARSET = string.ascii_letters + string.digits + " ,.;:'-"
 MISSION_MAX_LEN = 256
@@ -40,18 +40,6 @@ def cached_bundle(bundle) -> WorldBundle:
 def observation_space(frame_shape) -> spaces.Dict:
     return spaces.Dict({"image": spaces.Box(0, 255, tuple(frame_shape), np.uint8),
                         "mission": spaces.Text(MISSION_MAX_LEN, charset=MISSION_CHARSET)})
-
-
-def _levels(bundle: WorldBundle, prompt, levels, level_file, num_levels: int, seed: int, mission) -> LevelSet:
-    from .world_builder import WorldBuilder
-
-    if sum(x is not None for x in (prompt, levels, level_file)) != 1:
-        raise ValueError("give exactly one of prompt=, levels= or level_file=")
-    if level_file is not None:
-        return load_levels(level_file, bundle)
-    if levels is not None:
-        return levels
-    return WorldBuilder(bundle).generate(prompt, num_worlds=num_levels, seed=seed, mission=mission)
 
 
 class _Backend:
@@ -87,11 +75,15 @@ class _Backend:
         self.started = True
         if self.server is None:
             if not fresh:
-                return _as_dict(self.world.reset())
+                return self.world.reset().as_dict()
             from .world import World
 
             self.world = World(self.bundle, self.num_envs, seed=seed, **self.world_kwargs)
-            return _as_dict(self.world.reset(_levels(self.bundle, prompt, levels, level_file, num_levels, seed, mission)))
+            from .world_builder import WorldBuilder
+
+            lv = WorldBuilder(self.bundle).resolve(prompt=prompt, levels=levels, level_file=level_file,
+                                                   num_worlds=num_levels, seed=seed, mission=mission)
+            return self.world.reset(lv).as_dict()
         import ray
 
         if not fresh:
@@ -105,7 +97,7 @@ class _Backend:
 
     def step(self, actions) -> dict:
         if self.server is None:
-            return _as_dict(self.world.step(actions))
+            return self.world.step(actions).as_dict()
         import ray
 
         return ray.get(self.handle.step.remote(self.client, np.asarray(actions)))
@@ -119,11 +111,6 @@ class _Backend:
             except Exception:  # noqa: BLE001 - the server may already be gone
                 pass
             self.client = None
-
-
-def _as_dict(out) -> dict:
-    return {k: getattr(out, k) for k in ("envs", "frames", "tokens", "rewards", "terminated", "truncated",
-                                         "latent_actions", "episode_steps", "is_first", "missions", "level_ids")}
 
 
 def _infos(out: dict) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 SCHEDULES = ("cosine", "linear")
@@ -31,6 +32,13 @@ def random_mask(shape, low: float, high: float, generator=None, device=None) -> 
 
 
 Generators = "torch.Generator | list[torch.Generator] | None"
+
+
+def seeded_generator(*keys: int, device=None) -> torch.Generator:
+    """A torch generator whose stream depends only on ``keys`` (numpy's SeedSequence mixes them), so
+    a level or an env step draws the same noise whatever else shares its batch."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def uniform(shape, generator, device=None) -> torch.Tensor:

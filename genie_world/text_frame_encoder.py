@@ -1,4 +1,4 @@
-"""Joint attention over [mission words ; frame tokens], shared by the reward head and prompt prior."""
+"""Joint attention over [mission words ; frame tokens], used by the prompt prior."""
 
 from __future__ import annotations
 

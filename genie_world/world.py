@@ -24,6 +24,7 @@ history: a batch step equals N single-env steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +33,7 @@ import torch
 from .bundle import WorldBundle
 from .level_constraints import constrain_logits
 from .levels import LevelSet, check_levels_match
+from .maskgit import seeded_generator
 from .slot_cache import SlotKVCache
 
 ACTION_TYPES = ("real", "latent")
@@ -70,6 +72,14 @@ class WorldStep:
     is_first: np.ndarray  # [N] bool: this frame starts an episode (reset or autoreset)
     missions: list[str] = field(default_factory=list)
     level_ids: list[str] = field(default_factory=list)
+
+    def as_dict(self, lo: int = 0, hi: int | None = None) -> dict:
+        """The envs [lo, hi) of this result as a plain dict (what a server sends one client)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = None if value is None else value[lo:hi]
+        return out
 
     def info(self, i: int) -> dict:
         return {"env": int(self.envs[i]), "mission": self.missions[i], "level_id": self.level_ids[i],
@@ -175,8 +185,7 @@ class World:
         self._group = np.ones(e, np.int64)
         self._pools: list[tuple[LevelSet, torch.Tensor, torch.Tensor]] = []  # (levels, tokens, mission ids)
         self._missions, self._level_ids = [""] * e, [""] * e
-        self._env_seeds = [int(np.random.SeedSequence([self.seed, self.env_index_offset + i]).generate_state(1)[0])
-                           for i in range(e)]
+        self._env_seeds = [(self.seed, self.env_index_offset + i) for i in range(e)]  # keys of each env's noise
 
     # --- public API -----------------------------------------------------------------------
     def reset(self, levels: LevelSet | None = None, envs=None) -> WorldStep:
@@ -247,7 +256,7 @@ class World:
         sub = self._state.gather(torch.full((k,), int(idx[0]), dtype=torch.long, device=self.device))
         frames = [np.repeat(self._frames[idx], k, 0)] if self.render else []
         tokens, rewards, terms, latents = [sub.tokens.cpu().numpy()], [], [], []
-        seeds = [self._env_seeds[idx[0]] + j for j in range(k)]
+        seeds = [(*self._env_seeds[idx[0]], j) for j in range(k)]  # branch j has its own stream
         ep, step0 = int(self._episode[idx[0]]), int(self._episode_step[idx[0]])
         for t in range(h):
             latent = self._to_latent(a[:, t], sub.tokens)
@@ -300,13 +309,12 @@ class World:
             acts = self.adapter.real_to_latent(acts, tokens.cpu().numpy())
         return torch.as_tensor(acts, dtype=torch.long, device=self.device)
 
-    def _noise(self, env_seeds, episodes, steps):
-        """Per-env generators seeded by (env seed, episode, step); None when decoding is greedy."""
+    def _noise(self, env_keys, episodes, steps):
+        """Per-env generators keyed by (world seed, env, episode, step); None when decoding is greedy."""
         if self.temperature <= 0:
             return None
-        return [torch.Generator(device=self.device).manual_seed(
-            int(np.random.SeedSequence([s, int(e), int(t)]).generate_state(1)[0]))
-            for s, e, t in zip(env_seeds, episodes, steps)]
+        return [seeded_generator(*key, int(e), int(t), device=self.device)
+                for key, e, t in zip(env_keys, episodes, steps)]
 
     def _run(self, idx: np.ndarray, acts: np.ndarray) -> WorldStep:
         """Advance envs ``idx`` (autoresetting those that need it) and record their new state."""

@@ -12,14 +12,14 @@ import numpy as np
 import torch
 
 from .bundle import WorldBundle
-from .levels import LevelSet
+from .levels import LevelSet, load_levels
+from .maskgit import seeded_generator
 from .text_encoder import UnknownWordsError
 
 
 def level_generators(seed: int, indices) -> list[torch.Generator]:
-    """One torch generator per index, seeded from numpy's SeedSequence([seed, index])."""
-    return [torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0]))
-            for i in indices]
+    """One torch generator per candidate level index."""
+    return [seeded_generator(seed, i) for i in indices]
 
 
 class WorldBuilder:
@@ -67,6 +67,18 @@ class WorldBuilder:
         ids = [f"{tag}-{source}-s{seed}-{i}" for i in range(len(tokens))]
         return LevelSet(tokens, [mission] * len(tokens), ids, self.bundle.fingerprint, prompt, int(seed), source,
                         str(self.bundle.path))
+
+    def resolve(self, prompt: str | None = None, levels: LevelSet | None = None, level_file=None,
+                num_worlds: int = 16, seed: int = 0, mission: str | None = None) -> LevelSet:
+        """The level set a server client, env or play page asked for: generated from ``prompt``, given
+        as ``levels``, or read from ``level_file`` (refused when made by another bundle)."""
+        if sum(x is not None for x in (prompt, levels, level_file)) != 1:
+            raise ValueError("give exactly one of prompt=, levels= or level_file=")
+        if level_file is not None:
+            return load_levels(level_file, self.bundle)
+        if levels is not None:
+            return levels
+        return self.generate(prompt, num_worlds=num_worlds, seed=seed, mission=mission)
 
     def _from_prompt(self, prompt: str, n: int, seed: int) -> np.ndarray:
         if "prompt_prior" not in self.bundle.parts:

@@ -43,7 +43,7 @@ class _Request:
 
 
 class WorldModelServerImpl:
-    """The actor's body (also usable in-process, e.g. by the play page)."""
+    """The actor's body; ``WorldModelServer`` below is it as a Ray actor."""
 
     def __init__(self, bundle_path: str, capacity: int = 256, max_batch: int = 1024, max_wait_ms: float = 2.0,
                  device: str | None = None, threads: int = 0, name: str = DEFAULT_NAME, **world_kwargs):
@@ -120,22 +120,16 @@ class WorldModelServerImpl:
         await asyncio.get_running_loop().run_in_executor(self._executor, lambda: self.clients.pop(client, None))
 
     def _open(self, num_envs, prompt, levels, level_file, seed, mission, num_levels) -> dict:
-        from .levels import load_levels
-
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-        if sum(x is not None for x in (prompt, levels, level_file)) != 1:
-            raise ValueError("give exactly one of prompt=, levels= or level_file=")
-        if level_file is not None:
-            levels = load_levels(level_file, self.bundle)
-        elif prompt is not None:
-            levels = self.builder.generate(prompt, num_worlds=int(num_levels or num_envs), seed=seed, mission=mission)
+        levels = self.builder.resolve(prompt=prompt, levels=levels, level_file=level_file,
+                                      num_worlds=int(num_levels or num_envs), seed=seed, mission=mission)
         start = self._allocate(int(num_envs))
         client = uuid.uuid4().hex[:12]
         envs = np.arange(start, start + num_envs)
         first = self.world.reset(levels, envs=envs)
         self.clients[client] = _Client(start, int(num_envs), levels.prompt or levels.source)
-        return {"client": client, "envs": envs.tolist(), **self._pack(first)}
+        return {**first.as_dict(), "client": client, "envs": envs.tolist()}
 
     # --- stepping ---------------------------------------------------------------------------
     async def step(self, client: str, actions, reset: bool = False) -> dict:
@@ -226,17 +220,8 @@ class WorldModelServerImpl:
                 self._window = (time.perf_counter(), self.stats_["env_steps"])
 
     def _deliver(self, r: _Request, out, lo: int, hi: int) -> None:
-        result = self._pack(out, lo, hi)
+        result = out.as_dict(lo, hi)
         r.future.get_loop().call_soon_threadsafe(lambda: r.future.done() or r.future.set_result(result))
-
-    @staticmethod
-    def _pack(out, lo: int = 0, hi: int | None = None) -> dict:
-        hi = len(out.envs) if hi is None else hi
-        return {"envs": out.envs[lo:hi], "frames": None if out.frames is None else out.frames[lo:hi],
-                "tokens": out.tokens[lo:hi], "rewards": out.rewards[lo:hi], "terminated": out.terminated[lo:hi],
-                "truncated": out.truncated[lo:hi], "latent_actions": out.latent_actions[lo:hi],
-                "episode_steps": out.episode_steps[lo:hi], "is_first": out.is_first[lo:hi],
-                "missions": out.missions[lo:hi], "level_ids": out.level_ids[lo:hi]}
 
     def stats(self) -> dict:
         s = dict(self.stats_)

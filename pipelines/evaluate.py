@@ -36,12 +36,14 @@ class EvaluateConfig:
 
 
 def _checkpoint_dir(policy: str) -> Path:
+    from .train_policy import latest_checkpoint
+
     p = Path(policy).resolve()  # RLlib reads checkpoints by URI: relative paths have no scheme
     if (p / "checkpoints").is_dir():
-        ckpts = sorted((p / "checkpoints").glob("iter_*"))
-        if not ckpts:
+        newest = latest_checkpoint(p)
+        if newest is None:
             raise ConfigError(f"--policy {p}: no checkpoints in {p / 'checkpoints'}")
-        p = ckpts[-1]
+        p = newest
     module = p / "learner_group" / "learner" / "rl_module" / "default_policy"
     if not module.is_dir():
         raise ConfigError(f"--policy {policy}: not a genie-sima train run or RLlib checkpoint ({module} missing)")
@@ -88,8 +90,9 @@ def run_episodes(level: str, agent: str, episodes: int, seed: int, max_steps: in
     rng = np.random.default_rng(seed)
     success, returns, lengths = [], [], []
     batch = 16 if agent == "policy" else 1
+    pool = [BabyAIGame(level, frame_size=frame_size, max_steps=max_steps) for _ in range(min(batch, episodes))]
     for lo in range(0, episodes, batch):
-        games = [BabyAIGame(level, frame_size=frame_size, max_steps=max_steps) for _ in range(min(batch, episodes - lo))]
+        games = pool[:min(batch, episodes - lo)]  # made once, reset per episode
         frames = [g.reset(seed + lo + j) for j, g in enumerate(games)]
         bots = [BabyAIBot(g.unwrapped) for g in games] if agent == "bot" else None
         done = np.zeros(len(games), bool)
@@ -111,13 +114,13 @@ def run_episodes(level: str, agent: str, episodes: int, seed: int, max_steps: in
                 if term or trunc:
                     done[j] = True
                     won[j] = BabyAIGame.is_success(ret[j], term)
-        for g in games:
-            g.close()
         success += won.tolist()
         returns += ret.tolist()
         lengths += steps.tolist()
         if progress is not None:
             progress(len(success))
+    for g in pool:
+        g.close()
     success_a, lengths_a = np.array(success), np.array(lengths)
     return {"episodes": episodes, "success_rate": float(success_a.mean()), "mean_return": float(np.mean(returns)),
             "mean_length_success": float(lengths_a[success_a].mean()) if success_a.any() else None}

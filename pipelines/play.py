@@ -360,15 +360,12 @@ def load_play_levels(bundle, prompt: str | None, level_file, num_levels: int, se
     if (prompt is None) == (level_file is None):
         words = " ".join(bundle.vocab.words[1:]) if bundle.vocab is not None else "?"
         raise ConfigError(f"give exactly one of --prompt (words: {words}) or --level FILE")
-    if level_file is not None:
-        from genie_world.levels import load_levels
-
-        return load_levels(level_file, bundle)
-    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or not 1 <= num_levels <= 100_000:
+    if level_file is None and (isinstance(num_levels, bool) or not isinstance(num_levels, int)
+                               or not 1 <= num_levels <= 100_000):
         raise ConfigError(f"num_levels {num_levels!r}: expected an integer in 1..100000")
     from genie_world.world_builder import WorldBuilder
 
-    return WorldBuilder(bundle).generate(prompt, num_worlds=num_levels, seed=seed)
+    return WorldBuilder(bundle).resolve(prompt=prompt, level_file=level_file, num_worlds=num_levels, seed=seed)
 
 
 async def _serve(app: _App, host: str, port: int, ready_callback) -> None:

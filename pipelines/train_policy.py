@@ -98,7 +98,8 @@ def babyai_missions(level: str, n: int = 300, seed: int = 0) -> list[str]:
     return out
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest ``OUT/checkpoints/iter_*`` of a train run, or None."""
     ckpts = sorted((out / "checkpoints").glob("iter_*"))
     return ckpts[-1] if ckpts else None
 
@@ -182,7 +183,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
     spec = parse_env(cfg.env)
     out = Path(cfg.out).resolve()
     check_writable_dir(out, "--out")
-    latest = _latest_checkpoint(out)
+    latest = latest_checkpoint(out)
     if latest is not None and not cfg.resume:
         raise ConfigError(f"--out {out} already has checkpoints ({latest.name}); pass --resume to continue "
                           "or choose a new --out")
@@ -257,7 +258,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
             logger.close()
             algo.stop()
         return {"out": str(out), "iterations": it, "env_steps": steps, "metrics": _flat_metrics(result),
-                "checkpoint": str(_latest_checkpoint(out))}
+                "checkpoint": str(latest_checkpoint(out))}
     finally:
         if server is not None:
             ray.kill(server)

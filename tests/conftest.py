@@ -71,34 +71,10 @@ MISSIONS = ["go to the red ball", "go to the blue key", "pick up the green box",
 def make_random_bundle(run: Path, seed: int = 0, **overrides) -> Path:
     """A complete micro world bundle with random weights (and a random state-conditioned action
     adapter): enough to exercise World/server/play mechanics in seconds, without training."""
-    import dataclasses
-
-    import numpy as np
-    import torch
-
-    from genie_world.action_adapter import ActionAdapter
-    from genie_world.build import PART_NAMES, build_part
-    from genie_world.bundle import save_json, save_part, update_bundle_meta
     from genie_world.config import resolve_config
-    from genie_world.text_encoder import Vocabulary
+    from genie_world.random_bundle import write_random_bundle
 
-    torch.manual_seed(seed)
-    cfg = resolve_config("micro", overrides)
-    vocab = Vocabulary.from_texts(MISSIONS)
-    run.mkdir(parents=True, exist_ok=True)
-    save_json(run, "config.json", {"config": dataclasses.asdict(cfg)})
-    save_json(run, "vocab.json", vocab.to_json())
-    for name in PART_NAMES:
-        save_part(run, name, build_part(name, cfg, len(vocab)))
-    rng = np.random.default_rng(seed)
-    tokens = np.arange(0, 1000, 7)
-    names = ["left", "right", "forward", "pickup", "drop", "toggle", "done"]
-    adapter = ActionAdapter(7, cfg.num_latent_actions, tokens, rng.normal(size=(cfg.num_latent_actions, len(tokens), 7)),
-                            rng.normal(size=(cfg.num_latent_actions, 7)), noop_latent=0, real_names=names,
-                            num_labelled=0, no_effect_real=[6])
-    save_json(run, "action_adapter.json", adapter.to_json())
-    update_bundle_meta(run, provenance={"data_dir": "random weights (tests)"})
-    return run
+    return write_random_bundle(run, resolve_config("micro", overrides), MISSIONS, seed)
 
 
 @pytest.fixture(scope="session")
