@@ -12,6 +12,7 @@ Observations are ``{"image": uint8 [H, W, 3], "mission": str}``; actions are Dis
 from __future__ import annotations
 
 import string
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -58,12 +59,10 @@ class _Backend:
             self.frame_shape, self.num_actions = self.world.frame_shape, self.world.num_actions
             self.action_names = self.world.action_names
         else:
-            import ray
-
             from .world_server import get_world_server
 
             self.handle = get_world_server(server) if isinstance(server, str) else server
-            info = ray.get(self.handle.info.remote())
+            info = _call_when_up(lambda: self.handle.info.remote())
             self.frame_shape, self.num_actions = tuple(info["frame_shape"]), info["num_actions"]
             self.action_names = info["action_names"]
 
@@ -90,8 +89,9 @@ class _Backend:
             return ray.get(self.handle.step.remote(self.client, None, reset=True))
         if self.client is not None:
             ray.get(self.handle.close.remote(self.client))
-        out = ray.get(self.handle.open.remote(self.num_envs, prompt=prompt, levels=levels, level_file=level_file,
-                                              seed=seed, mission=mission, num_levels=num_levels))
+        out = _call_when_up(lambda: self.handle.open.remote(self.num_envs, prompt=prompt, levels=levels,
+                                                            level_file=level_file, seed=seed, mission=mission,
+                                                            num_levels=num_levels, owner=_owner()))
         self.client = out.pop("client")
         return out
 
@@ -111,6 +111,40 @@ class _Backend:
             except Exception:  # noqa: BLE001 - the server may already be gone
                 pass
             self.client = None
+
+
+def _owner() -> tuple:
+    """(this process's Ray actor id or None, pid): lets a server reclaim a restarted actor's old block."""
+    import os
+
+    import ray
+
+    try:
+        actor = ray.get_runtime_context().get_actor_id()
+    except Exception:  # noqa: BLE001 - outside an actor / before ray.init
+        actor = None
+    return (actor, os.getpid())
+
+
+def _call_when_up(submit, timeout_s: float = 180.0):
+    """``ray.get(submit())``, retried while the server actor is restarting (Ray restarts a dead one).
+
+    Only calls that are safe to repeat go through here (``info``; ``open`` on a fresh env, whose block
+    on a dead server died with it). Steps are not retried: a step cut short by a server death fails,
+    and RLlib recreates the env and discards the episodes it cut short.
+    """
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    deadline, wait = time.monotonic() + timeout_s, 0.1
+    while True:
+        try:
+            return ray.get(submit())
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(wait)
+            wait = min(2.0, wait * 2)
 
 
 def _infos(out: dict) -> dict:

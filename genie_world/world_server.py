@@ -31,6 +31,7 @@ class _Client:
     start: int
     num_envs: int
     levels_desc: str
+    owner: tuple | None = None  # (Ray actor id, pid) of the process that opened it
 
 
 @dataclass
@@ -69,7 +70,7 @@ class WorldModelServerImpl:
         self._loop_task = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one World, one stepper
         self.stats_ = {"env_steps": 0, "batches": 0, "batch_envs": 0, "queue_s": 0.0, "requests": 0,
-                       "episodes_terminated": 0, "episodes_truncated": 0, "started": time.time()}
+                       "stale_clients_closed": 0, "episodes_terminated": 0, "episodes_truncated": 0, "started": time.time()}
         self._metrics = None
         try:
             from ray.util import metrics
@@ -110,25 +111,39 @@ class WorldModelServerImpl:
                          f"(in one block: raise capacity or close clients)")
 
     async def open(self, num_envs: int, prompt: str | None = None, levels=None, level_file: str | None = None,
-                   seed: int = 0, mission: str | None = None, num_levels: int | None = None) -> dict:
+                   seed: int = 0, mission: str | None = None, num_levels: int | None = None,
+                   owner: tuple | None = None) -> dict:
         """Reserve ``num_envs`` envs playing levels from ``prompt`` (num_levels of them, default
-        num_envs), a LevelSet, or a level file; returns the client id and the first observations."""
+        num_envs), a LevelSet, or a level file; returns the client id and the first observations.
+
+        ``owner`` = (caller's Ray actor id, caller's pid). A restarted actor keeps its actor id but runs in
+        a new process, so blocks held under the same actor id with another pid belong to its dead
+        incarnation: they are closed before allocating (an EnvRunner that Ray or RLlib restarted gets
+        its envs back instead of finding the server full).
+        """
         return await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: self._open(num_envs, prompt, levels, level_file, seed, mission, num_levels))
+            self._executor, lambda: self._open(num_envs, prompt, levels, level_file, seed, mission, num_levels, owner))
 
     async def close(self, client: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, lambda: self.clients.pop(client, None))
 
-    def _open(self, num_envs, prompt, levels, level_file, seed, mission, num_levels) -> dict:
+    def _open(self, num_envs, prompt, levels, level_file, seed, mission, num_levels, owner=None) -> dict:
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        if owner is not None and owner[0] is not None:
+            stale = [k for k, c in self.clients.items()
+                     if c.owner is not None and c.owner[0] == owner[0] and c.owner[1] != owner[1]]
+            for k in stale:
+                self.clients.pop(k)
+            self.stats_["stale_clients_closed"] += len(stale)
         levels = self.builder.resolve(prompt=prompt, levels=levels, level_file=level_file,
                                       num_worlds=int(num_levels or num_envs), seed=seed, mission=mission)
         start = self._allocate(int(num_envs))
         client = uuid.uuid4().hex[:12]
         envs = np.arange(start, start + num_envs)
         first = self.world.reset(levels, envs=envs)
-        self.clients[client] = _Client(start, int(num_envs), levels.prompt or levels.source)
+        self.clients[client] = _Client(start, int(num_envs), levels.prompt or levels.source,
+                                       tuple(owner) if owner is not None else None)
         return {**first.as_dict(), "client": client, "envs": envs.tolist()}
 
     # --- stepping ---------------------------------------------------------------------------

@@ -50,6 +50,26 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_bc(args) -> int:
+    from .bc_latent import BCConfig, behaviour_clone
+
+    result = behaviour_clone(config_from_args(BCConfig, args))
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    import dataclasses
+
+    from .demo import DemoConfig, apply_setting, run_demo
+
+    flags = {a.split("=", 1)[0] for a in args.argv if a.startswith("--")}
+    given = {f.name for f in dataclasses.fields(DemoConfig) if "--" + f.name.replace("_", "-") in flags}
+    result = run_demo(apply_setting(config_from_args(DemoConfig, args), given))
+    print(json.dumps(result))
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluate import EvaluateConfig, evaluate, format_table
 
@@ -117,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, GenerateConfig, required=("bundle", "out"))
     p.set_defaults(func=_cmd_generate)
 
+    from .bc_latent import BCConfig
+
+    p = sub.add_parser("bc", help="behaviour cloning from latent actions: videos labelled by the world model -> policy")
+    add_config_arguments(p, BCConfig, required=("bundle", "data", "out"))
+    p.set_defaults(func=_cmd_bc)
+
     from .train_policy import TrainConfig
 
     p = sub.add_parser("train", help="train the SIMA agent with RLlib PPO in a world model (or the real game)")
@@ -137,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("play", help="play a world in the browser (keyboard), served on 127.0.0.1")
         add_play_arguments(p)
         p.set_defaults(func=_cmd_play)
+
+    from .demo import DemoConfig
+
+    p = sub.add_parser("demo", help="the whole loop on a local Ray: collect, pretrain, levels, BC + PPO in "
+                                    "imagination, real-game evaluation, report.html")
+    add_config_arguments(p, DemoConfig)
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("info", help="show installed versions and summarise a data directory")
     p.add_argument("--data", help="a directory written by `genie-sima collect`")
@@ -161,11 +194,15 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except _user_errors() as e:
-        print(f"genie-sima {args.command}: error: {e}", file=sys.stderr)
+        # Raised inside a Ray actor/task, the error arrives as a RayTaskError carrying the remote traceback
+        # in its text; its ``cause`` is the one-line message.
+        print(f"genie-sima {args.command}: error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"genie-sima {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)

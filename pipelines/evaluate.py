@@ -24,7 +24,8 @@ from .progress import ProgressLine
 
 @dataclass
 class EvaluateConfig:
-    policy: str | None = _f(None, "a `genie-sima train --out` directory or one of its checkpoints (omit for baselines only)")
+    policy: str | None = _f(None, "policies to play: RUN or name=RUN,name=RUN (train runs, their checkpoints, bc runs); "
+                               "omit for baselines only")
     levels: str = _f("BabyAI-GoToRedBall-v0,BabyAI-GoToLocal-v0", "comma-separated real BabyAI levels")
     episodes: int = _f(200, "episodes per level and agent")
     baselines: str = _f("random,bot", "comma-separated baselines to run beside the policy (random, bot, or empty)")
@@ -33,12 +34,25 @@ class EvaluateConfig:
     seed: int = _f(10_000, "first level seed (episode i uses seed + i)")
     greedy: bool = _f(True, "take the most probable action (else sample)")
     threads: int = _f(1, "torch threads")
+    bundle: str | None = _f(None, "world bundle: GIFs of each policy in the real game beside the world model's "
+                                  "imagined rollout of the same actions")
+    gifs: int = _f(2, "episodes per policy and level to show as real-vs-imagined GIFs (needs --bundle)")
 
 
-def _checkpoint_dir(policy: str) -> Path:
+def resolve_policy(policy: str) -> tuple[Path, Path]:
+    """A policy path -> (RLModule checkpoint dir, its tokenizer.json).
+
+    Accepts a ``genie-sima train --out`` directory (its newest checkpoint), one of its
+    ``checkpoints/iter_*``, or a ``genie-sima bc --out`` directory.
+    """
+    from .bc_latent import POLICY_DIR
     from .train_policy import latest_checkpoint
 
     p = Path(policy).resolve()  # RLlib reads checkpoints by URI: relative paths have no scheme
+    if not p.exists():
+        raise ConfigError(f"--policy {policy}: no such directory")
+    if (p / POLICY_DIR).is_dir():
+        return p / POLICY_DIR, p / "tokenizer.json"
     if (p / "checkpoints").is_dir():
         newest = latest_checkpoint(p)
         if newest is None:
@@ -46,25 +60,38 @@ def _checkpoint_dir(policy: str) -> Path:
         p = newest
     module = p / "learner_group" / "learner" / "rl_module" / "default_policy"
     if not module.is_dir():
-        raise ConfigError(f"--policy {policy}: not a genie-sima train run or RLlib checkpoint ({module} missing)")
-    return p
+        raise ConfigError(f"--policy {policy}: not a genie-sima train run, RLlib checkpoint or bc run "
+                          f"({module} and {p / POLICY_DIR} missing)")
+    return module, p.parent.parent / "tokenizer.json"
+
+
+def parse_policies(spec: str | None) -> dict[str, str]:
+    """``RUN`` or ``name=RUN,name=RUN`` -> {name: RUN}; a bare path is called "policy"."""
+    out: dict[str, str] = {}
+    for item in [x.strip() for x in (spec or "").split(",") if x.strip()]:
+        name, _, path = item.rpartition("=") if "=" in item else ("policy", "", item)
+        name = name.strip()
+        if not name or name in ("random", "bot") or name in out:
+            raise ConfigError(f"--policy {spec!r}: bad or repeated name {name!r} (expected name=RUN, names "
+                              "other than random/bot, each once)")
+        out[name] = path.strip()
+    return out
 
 
 class PolicyAgent:
     """The trained RLModule acting on {"image", "mission" tokens} observations."""
 
-    name = "policy"
-
-    def __init__(self, checkpoint: Path, greedy: bool):
+    def __init__(self, policy: str, greedy: bool, name: str = "policy"):
         import torch
         from ray.rllib.core.rl_module.rl_module import RLModule
 
         from sima_policy.instruction_tokenizer import InstructionTokenizer
 
-        self.module = RLModule.from_checkpoint(str(checkpoint / "learner_group" / "learner" / "rl_module" / "default_policy"))
+        module_dir, tokenizer_json = resolve_policy(policy)
+        self.name, self.path = name, str(module_dir)
+        self.module = RLModule.from_checkpoint(str(module_dir))
         self.module.eval()
-        run = checkpoint.parent.parent
-        self.tokenizer = InstructionTokenizer.from_json(json.loads((run / "tokenizer.json").read_text()))
+        self.tokenizer = InstructionTokenizer.from_json(json.loads(tokenizer_json.read_text()))
         self.max_len = int(self.module.observation_space["mission"].shape[0])
         self.greedy, self.torch = greedy, torch
         self.rng = torch.Generator().manual_seed(0)
@@ -80,27 +107,31 @@ class PolicyAgent:
         return torch.multinomial(logits.softmax(-1), 1, generator=self.rng)[:, 0].numpy()
 
 
-def run_episodes(level: str, agent: str, episodes: int, seed: int, max_steps: int, policy=None,
-                 frame_size: int = 64, progress=None) -> dict:
-    """``agent``: policy | random | bot. Returns per-episode success, return and length."""
+def run_episodes(level: str, agent, episodes: int, seed: int, max_steps: int, frame_size: int = 64,
+                 progress=None, record: int = 0) -> dict:
+    """``agent``: "random", "bot" or a PolicyAgent. Returns success rate, mean return and path length;
+    with ``record`` > 0 also the first ``record`` episodes' frames, actions and missions ("recorded")."""
     from minigrid.utils.baby_ai_bot import BabyAIBot
 
     from .data.babyai_game import BabyAIGame
 
     rng = np.random.default_rng(seed)
-    success, returns, lengths = [], [], []
-    batch = 16 if agent == "policy" else 1
+    success, returns, lengths, recorded = [], [], [], []
+    is_policy = isinstance(agent, PolicyAgent)
+    batch = 16 if is_policy else 1
     pool = [BabyAIGame(level, frame_size=frame_size, max_steps=max_steps) for _ in range(min(batch, episodes))]
     for lo in range(0, episodes, batch):
         games = pool[:min(batch, episodes - lo)]  # made once, reset per episode
         frames = [g.reset(seed + lo + j) for j, g in enumerate(games)]
+        tapes = [{"frames": [f], "actions": [], "mission": g.mission, "seed": seed + lo + j}
+                 for j, (f, g) in enumerate(zip(frames, games)) if lo + j < record]
         bots = [BabyAIBot(g.unwrapped) for g in games] if agent == "bot" else None
         done = np.zeros(len(games), bool)
         ret, steps = np.zeros(len(games)), np.zeros(len(games), int)
         won = np.zeros(len(games), bool)
         while not done.all():
-            if agent == "policy":
-                acts = policy.act(np.stack(frames), [g.mission for g in games])
+            if is_policy:
+                acts = agent.act(np.stack(frames), [g.mission for g in games])
             elif agent == "bot":
                 acts = [int(b.replan()) if not d else 0 for b, d in zip(bots, done)]
             else:
@@ -109,11 +140,17 @@ def run_episodes(level: str, agent: str, episodes: int, seed: int, max_steps: in
                 if done[j]:
                     continue
                 frames[j], r, term, trunc = g.step(int(acts[j]))
+                if j < len(tapes):
+                    tapes[j]["frames"].append(frames[j])
+                    tapes[j]["actions"].append(int(acts[j]))
                 ret[j] += r
                 steps[j] += 1
                 if term or trunc:
                     done[j] = True
                     won[j] = BabyAIGame.is_success(ret[j], term)
+        for j, tape in enumerate(tapes):
+            tape["success"] = bool(won[j])
+        recorded += tapes
         success += won.tolist()
         returns += ret.tolist()
         lengths += steps.tolist()
@@ -122,8 +159,9 @@ def run_episodes(level: str, agent: str, episodes: int, seed: int, max_steps: in
     for g in pool:
         g.close()
     success_a, lengths_a = np.array(success), np.array(lengths)
-    return {"episodes": episodes, "success_rate": float(success_a.mean()), "mean_return": float(np.mean(returns)),
-            "mean_length_success": float(lengths_a[success_a].mean()) if success_a.any() else None}
+    out = {"episodes": episodes, "success_rate": float(success_a.mean()), "mean_return": float(np.mean(returns)),
+           "mean_length_success": float(lengths_a[success_a].mean()) if success_a.any() else None}
+    return {**out, "recorded": recorded} if record else out
 
 
 def evaluate(cfg: EvaluateConfig, log=print) -> dict:
@@ -131,30 +169,54 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
 
     if cfg.episodes < 1:
         raise ConfigError(f"--episodes must be >= 1, got {cfg.episodes}")
+    if cfg.gifs < 0:
+        raise ConfigError(f"--gifs must be >= 0, got {cfg.gifs}")
     levels = [lv.strip() for lv in cfg.levels.split(",") if lv.strip()]
+    if not levels:
+        raise ConfigError("--levels: give at least one BabyAI level")
     baselines = [b.strip() for b in cfg.baselines.split(",") if b.strip()]
     bad = [b for b in baselines if b not in ("random", "bot")]
     if bad:
         raise ConfigError(f"--baselines: unknown {bad}; expected random, bot")
-    if not cfg.policy and not baselines:
+    named = parse_policies(cfg.policy)
+    if not named and not baselines:
         raise ConfigError("nothing to evaluate: give --policy and/or --baselines")
     torch.set_num_threads(cfg.threads)
-    checkpoint = _checkpoint_dir(cfg.policy) if cfg.policy else None
-    out = Path(cfg.out) if cfg.out else (checkpoint.parent.parent if checkpoint else Path("."))
+    policies = {name: PolicyAgent(path, cfg.greedy, name) for name, path in named.items()}
+    if cfg.out:
+        out = Path(cfg.out)
+    elif len(named) == 1:
+        first = Path(next(iter(named.values()))).resolve()
+        out = first if (first / "config.json").exists() else first.parent.parent  # a run, or run/checkpoints/iter_*
+    elif not named:
+        out = Path(".")
+    else:
+        raise ConfigError("--out is required when evaluating several policies")
     check_writable_dir(out, "--out")
-    policy = PolicyAgent(checkpoint, cfg.greedy) if checkpoint else None
-    agents = (["policy"] if policy else []) + baselines
-    rows = []
+    bundle = None
+    if cfg.bundle and cfg.gifs and policies:
+        from genie_world.bundle import load_bundle
+
+        bundle = load_bundle(cfg.bundle)
+    agents = list(policies) + baselines
+    rows, gifs = [], []
     total = len(levels) * len(agents) * cfg.episodes
     line = ProgressLine("evaluate", total, "episodes", every_s=5.0)
     for level in levels:
-        for agent in agents:
+        for name in agents:
             base = len(rows) * cfg.episodes
-            r = run_episodes(level, agent, cfg.episodes, cfg.seed, cfg.max_steps, policy,
-                             progress=lambda n, base=base: line.update(base + n))
-            rows.append({"level": level, "agent": agent, **r})
-            log(f"evaluate: {level} {agent}: success {r['success_rate']:.3f} return {r['mean_return']:.3f}")
-    result = {"policy": str(checkpoint) if checkpoint else None, "rows": rows}
+            record = cfg.gifs if bundle is not None and name in policies else 0
+            r = run_episodes(level, policies.get(name, name), cfg.episodes, cfg.seed, cfg.max_steps,
+                             progress=lambda n, base=base: line.update(base + n), record=record)
+            tapes = r.pop("recorded", [])
+            if tapes:
+                from .rollout_videos import real_vs_imagined_gifs
+
+                gifs += real_vs_imagined_gifs(bundle, tapes, out / "gifs", f"{name}_{level}")
+            rows.append({"level": level, "agent": name, **r})
+            log(f"evaluate: {level} {name}: success {r['success_rate']:.3f} return {r['mean_return']:.3f}")
+    result = {"policies": {n: p.path for n, p in policies.items()}, "rows": rows,
+              "gifs": [str(g.relative_to(out)) for g in gifs]}
     write_json_atomic(out / "evaluation.json", result)
     save_config(cfg, out / "evaluation.config.json")
     (out / "evaluation.md").write_text(format_table(rows))

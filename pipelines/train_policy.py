@@ -16,6 +16,7 @@ written to a temp dir and renamed), OUT/tensorboard and offline wandb, OUT/logs/
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import shutil
@@ -28,6 +29,9 @@ from pathlib import Path
 from .atomic_io import check_writable_dir
 from .config import config_field as _f, save_config
 from .errors import ConfigError
+
+
+MAX_IDLE_ITERATIONS = 20  # iterations in a row without a sampled step before train gives up
 
 
 @dataclass
@@ -53,6 +57,8 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the learner's module (RLlib torch_compile_learner)")
     checkpoint_every: int = _f(10, "iterations between checkpoints (and one at the end)")
     resume: bool = _f(False, "continue from the newest checkpoint in --out")
+    init_policy: str | None = _f(None, "start from this policy's weights: a `genie-sima bc --out` run (behaviour "
+                                       "cloning from latent actions) or another train run / checkpoint")
     wandb: str = _f("offline", "wandb mode", choices=("offline", "online", "disabled"))
     seed: int = _f(0, "seed")
     threads: int = _f(1, "torch threads per process (CPU)")
@@ -141,7 +147,10 @@ def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, ser
                                              "contrastive_coeff": cfg.contrastive_coeff,
                                              "moco_queue_size": cfg.moco_queue_size,
                                              "freeze_vision_steps": cfg.freeze_vision_steps})
-              .fault_tolerance(restart_failed_env_runners=True)
+              # A dead EnvRunner is restarted (and finds the world server by name again); an env whose step
+              # fails -- e.g. its world server died and Ray is restarting it -- is recreated, re-opens its
+              # block on the (restarted) server, and RLlib discards the episodes it cut short.
+              .fault_tolerance(restart_failed_env_runners=True, restart_failed_sub_environments=True)
               .debugging(seed=cfg.seed))
     if cfg.compile:
         config = config.framework(torch_compile_learner=True)
@@ -217,10 +226,13 @@ def train(cfg: TrainConfig, log=None) -> dict:
         if latest is not None:
             algo.restore_from_path(str(latest))
             log(f"train: resumed from {latest}")
+        elif cfg.init_policy:
+            init_from_policy(algo, cfg.init_policy, tokenizer.to_json())
+            log(f"train: starting from the weights of {cfg.init_policy}")
         logger = RunLogger(out, "train", {"env": cfg.env, **{k: v for k, v in vars(cfg).items()}}, cfg.wandb)
         events = out / "logs"
         events.mkdir(exist_ok=True)
-        steps, it, t0, result, sampled_here = 0, algo.iteration, time.perf_counter(), {}, 0
+        steps, it, t0, result, sampled_here, idle = 0, algo.iteration, time.perf_counter(), {}, 0, 0
         gauges = _train_gauges()
         ends = (0, 0)
         try:
@@ -230,13 +242,20 @@ def train(cfg: TrainConfig, log=None) -> dict:
                 it = algo.iteration
                 if "learners" not in result:  # an EnvRunner failed and was restarted; RLlib returns no update
                     log(f"train: iteration {it}: no learner update (env runner restarted?)")
-                metrics = _flat_metrics(result)
+                # An iteration whose EnvRunner died reports NaN counts: keep the last known ones.
+                metrics = {k: v for k, v in _flat_metrics(result).items() if math.isfinite(v)}
                 steps = int(metrics.get("env_runners/num_env_steps_sampled_lifetime", steps))
                 this_iter = int(metrics.get("env_runners/num_env_steps_sampled", 0))  # not lifetime: right on --resume
                 sampled_here += this_iter
+                idle = 0 if this_iter else idle + 1
+                if idle >= MAX_IDLE_ITERATIONS:
+                    raise RuntimeError(f"train: no env steps sampled in {idle} consecutive iterations: the EnvRunners "
+                                       "are not coming back (see the Ray worker logs)")
                 gauges["steps"].set(this_iter / max(1e-9, time.perf_counter() - t_iter))
-                if server is not None:
-                    st = ray.get(server.stats.remote())
+                st = _server_stats(server, log) if server is not None else None
+                if st is not None:
+                    if st["episodes_terminated"] < ends[0] or st["episodes_truncated"] < ends[1]:
+                        ends = (0, 0)  # the server was restarted: its counters started again from zero
                     done = (st["episodes_terminated"] - ends[0], st["episodes_truncated"] - ends[1])
                     ends = (st["episodes_terminated"], st["episodes_truncated"])
                     if sum(done):
@@ -264,6 +283,57 @@ def train(cfg: TrainConfig, log=None) -> dict:
             ray.kill(server)
         if started:
             ray.shutdown()
+
+
+def init_from_policy(algo, policy: str, tokenizer_json: dict) -> None:
+    """Copy a saved policy's weights into every Learner's module, then push them to the EnvRunners.
+
+    The auxiliary state (MoCo key encoder, queue, CLIP projections) is not copied: the key encoder restarts
+    as a copy of the loaded vision encoder, so the momentum encoder tracks the weights PPO starts from.
+    """
+    from ray.rllib.core import DEFAULT_MODULE_ID
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    from .evaluate import resolve_policy
+
+    module_dir, tokenizer_path = resolve_policy(policy)
+    theirs = json.loads(tokenizer_path.read_text()) if tokenizer_path.exists() else None
+    if theirs != tokenizer_json:
+        raise ConfigError(f"--init-policy {policy}: its instruction tokenizer ({tokenizer_path}) differs from this "
+                          "run's; clone from the same world bundle (or the same real level)")
+    state = {k: v for k, v in RLModule.from_checkpoint(str(module_dir)).state_dict().items()
+             if not k.startswith("aux.") and k != "num_updates"}
+
+    def load(learner):
+        import torch
+
+        module = learner.module[DEFAULT_MODULE_ID]
+        own = module.state_dict()
+        bad = sorted(k for k, v in state.items() if k not in own or tuple(own[k].shape) != tuple(v.shape))
+        missing = sorted(k for k in own if k not in state and not k.startswith("aux.") and k != "num_updates")
+        if bad or missing:
+            raise ValueError(f"--init-policy {policy}: weights do not fit this run's policy (mismatched {bad[:5]}, "
+                             f"missing {missing[:5]}); use the same --vision-dim/--hidden-dim as the cloned policy")
+        module.load_state_dict({k: v.to(own[k].device) for k, v in state.items()}, strict=False)
+        if hasattr(module, "aux"):
+            with torch.no_grad():
+                module.aux.key_vision.load_state_dict(module.vision.state_dict())
+        return len(state)
+
+    algo.learner_group.foreach_learner(load)
+    algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
+
+
+def _server_stats(server, log, timeout_s: float = 60.0) -> dict | None:
+    """The world server's counters; None (logged) when it is down and not back within ``timeout_s``."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    try:
+        return ray.get(server.stats.remote(), timeout=timeout_s)
+    except (RayActorError, GetTimeoutError) as e:
+        log(f"train: world server unavailable ({type(e).__name__}); Ray restarts it, envs re-open on it")
+        return None
 
 
 def _train_gauges() -> dict:

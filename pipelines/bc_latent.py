@@ -1,0 +1,267 @@
+"""``genie-sima bc``: behaviour cloning from latent actions (Genie's CoinRun recipe).
+
+    genie-sima bc --bundle RUN --data DIR --out BC_RUN [--steps 1500] [--batch 128]
+
+The videos' own actions are never read for training. Each transition (frame t -> t+1) of the collected
+videos is labelled by the bundle's latent action model, and the latent label becomes a real action
+through the bundle's action adapter (fitted during pretraining on <= ``adapter_transitions`` labelled
+transitions) in the state it was taken in. The SIMA policy (``SimaRLModule``, the same module
+``genie-sima train`` optimises) learns to predict that action from (frame t, mission). Transitions where
+the frame did not change are skipped: the latent action model gives them all one "no effect" latent, so
+they say nothing about what the player meant to do.
+
+The true actions of the validation split are read only to report how often the latent labels (and the
+cloned policy) agree with them.
+
+Writes BC_RUN/policy (an RLlib module checkpoint: ``RLModule.from_checkpoint`` loads it; ``genie-sima
+train --init-policy BC_RUN`` starts PPO from it; ``genie-sima evaluate --policy BC_RUN`` plays it),
+BC_RUN/tokenizer.json, BC_RUN/config.json, BC_RUN/bc_metrics.json, BC_RUN/tensorboard and offline wandb.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic_io import check_writable_dir, write_json_atomic
+from .config import config_field as _f, save_config
+from .errors import ConfigError
+
+POLICY_DIR = "policy"
+MISSION_LEN = 16  # the same mission length ``genie-sima train`` gives imagined worlds
+
+
+@dataclass
+class BCConfig:
+    bundle: str = _f("", "world bundle (its latent action model labels the videos, its adapter maps the labels)")
+    data: str = _f("", "collected videos (``genie-sima collect --out``); only frames and missions are used")
+    out: str = _f("", "output directory")
+    steps: int = _f(1500, "gradient steps")
+    batch: int = _f(128, "minibatch size")
+    lr: float = _f(1e-3, "learning rate (AdamW, cosine decay to 10%)")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    augment_pad: int = _f(2, "random-shift augmentation in pixels (robustness to the world model's decoded frames)")
+    max_transitions: int = _f(0, "use at most this many training transitions (0: all)")
+    vision_dim: int = _f(128, "vision embedding size (must match `genie-sima train --vision-dim`)")
+    hidden_dim: int = _f(256, "fused trunk width (must match `genie-sima train --hidden-dim`)")
+    label_batch: int = _f(256, "transitions labelled per latent-action-model call")
+    log_every: int = _f(100, "steps between log lines / scalars")
+    seed: int = _f(0, "seed")
+    threads: int = _f(0, "torch threads (0: torch's default)")
+    wandb: str = _f("offline", "wandb mode", choices=("offline", "online", "disabled"))
+
+
+@dataclass
+class LabelledTransitions:
+    frames: np.ndarray  # [N, H, W, 3] uint8: frame t
+    missions: list[str]  # [N]
+    latent: np.ndarray  # [N] latent action of t -> t+1 (the bundle's latent action model)
+    label: np.ndarray  # [N] real action the adapter maps (latent, state t) to
+    true: np.ndarray  # [N] the video's own action (metrics only)
+    changed: np.ndarray  # [N] bool: frame t+1 differs from frame t
+
+
+def _episode_pairs(data_dir, split: str, limit: int, seed: int):
+    """Yield (frames t [n, H, W, 3], frames t+1, actions [n], mission) per episode, each read once.
+
+    Clips are gzip chunks on disk: reading whole episodes in manifest order decompresses every frame once,
+    where random access to 2-frame clips would decompress each chunk many times.
+    """
+    from .data.clip_index import build_clip_index
+    from .data.shard_format import open_shard, read_episode_arrays, validate_shard
+
+    data_dir = Path(data_dir)
+    refs = build_clip_index(data_dir, 2, split)
+    episodes = list(dict.fromkeys((r.shard, r.episode_key) for r in refs))  # manifest order, no repeats
+    if limit:  # a random subset of whole episodes holding about ``limit`` transitions
+        episodes = [episodes[i] for i in np.random.default_rng(seed).permutation(len(episodes))]
+    files, taken = {}, 0
+    try:
+        for shard, key in episodes:
+            if shard not in files:
+                validate_shard(data_dir / shard)
+                files[shard] = open_shard(data_dir / shard)
+            ep = read_episode_arrays(files[shard], key, path=data_dir / shard)
+            yield ep["frames"][:-1], ep["frames"][1:], np.asarray(ep["actions"]), str(ep["mission"])
+            taken += len(ep["actions"])
+            if limit and taken >= limit:
+                return
+    finally:
+        for fh in files.values():
+            fh.close()
+
+
+def label_transitions(bundle, data_dir, split: str, limit: int = 0, batch: int = 256, seed: int = 0,
+                      log=None) -> LabelledTransitions:
+    """Every transition of ``split`` (or whole random episodes up to ``limit`` transitions), labelled by
+    the latent action model and mapped to real actions by the adapter."""
+    import torch
+
+    lam, tok, adapter = bundle.parts["latent_actions"], bundle.parts["tokenizer"], bundle.adapter
+    now, nxt, missions, true = [], [], [], []
+    for f0, f1, acts, mission in _episode_pairs(data_dir, split, limit, seed):
+        now.append(f0)
+        nxt.append(f1)
+        true.append(acts)
+        missions += [mission] * len(acts)
+    if not now:
+        raise ConfigError(f"--data {data_dir}: the {split} split has no transitions")
+    now, nxt, true = np.concatenate(now), np.concatenate(nxt), np.concatenate(true)
+    latent, label = np.zeros(len(now), np.int64), np.zeros(len(now), np.int64)
+    for lo in range(0, len(now), batch):
+        pair = torch.from_numpy(np.stack([now[lo:lo + batch], nxt[lo:lo + batch]], 1))  # [B, 2, H, W, 3] uint8
+        with torch.no_grad():
+            z = lam.infer(pair)[:, 0].numpy()  # [B]
+            context = tok.encode(pair[:, :1])[1][:, 0].numpy()  # [B, P] tokens of the state t
+        latent[lo:lo + batch] = z
+        label[lo:lo + batch] = adapter.latent_to_real(z, context)
+        if log and (lo // batch) % 20 == 0:
+            log(f"bc: labelled {min(lo + batch, len(now))}/{len(now)} {split} transitions")
+    changed = (now != nxt).reshape(len(now), -1).any(1)
+    return LabelledTransitions(now, missions, latent, label, true, changed)
+
+
+def policy_spaces(num_actions: int, vocab_size: int, frame_size: int):
+    """The observation/action spaces ``genie-sima train`` gives the module in an imagined world."""
+    import gymnasium as gym
+
+    obs = gym.spaces.Dict({"image": gym.spaces.Box(0, 255, (frame_size, frame_size, 3), np.uint8),
+                           "mission": gym.spaces.Box(0, vocab_size - 1, (MISSION_LEN,), np.int64)})
+    return obs, gym.spaces.Discrete(num_actions)
+
+
+def build_policy(obs_space, action_space, vision_dim: int, hidden_dim: int):
+    from sima_policy.rl_module import SimaRLModule
+
+    return SimaRLModule(observation_space=obs_space, action_space=action_space, inference_only=False,
+                        model_config={"vision_dim": vision_dim, "hidden_dim": hidden_dim})
+
+
+def _logits(module, images, missions):
+    h = module.fuse(module.encode_vision(images), module.encode_language(missions))
+    return module.action_dist_inputs(h)  # [B, num_actions]
+
+
+def _accuracy(module, frames, tokens, target, batch: int = 512) -> float:
+    import torch
+
+    if len(target) == 0:
+        return float("nan")
+    hits = 0
+    with torch.no_grad():
+        for lo in range(0, len(target), batch):
+            pred = _logits(module, torch.from_numpy(frames[lo:lo + batch]),
+                           torch.from_numpy(tokens[lo:lo + batch])).argmax(-1).numpy()
+            hits += int((pred == target[lo:lo + batch]).sum())
+    return hits / len(target)
+
+
+def behaviour_clone(cfg: BCConfig, log=None) -> dict:
+    import torch
+
+    from genie_world.bundle import load_bundle
+    from sima_policy.aux_losses import random_shift
+    from sima_policy.instruction_tokenizer import InstructionTokenizer
+
+    from .run_logger import RunLogger
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not cfg.bundle or not cfg.data or not cfg.out:
+        raise ConfigError("--bundle, --data and --out are required")
+    for name in ("steps", "batch", "label_batch", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    out = Path(cfg.out).resolve()
+    check_writable_dir(out, "--out")
+    if (out / POLICY_DIR).exists():
+        raise ConfigError(f"--out {out} already holds a cloned policy ({out / POLICY_DIR}); choose a new --out")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+
+    bundle = load_bundle(cfg.bundle, parts=("tokenizer", "latent_actions"))
+    if bundle.adapter is None:
+        raise ConfigError(f"--bundle {cfg.bundle}: action_adapter.json is missing (pretrain the actions stage "
+                          "with labelled transitions)")
+    tokenizer = InstructionTokenizer.from_texts(bundle.vocab.words[1:], max_len=MISSION_LEN)
+    train = label_transitions(bundle, cfg.data, "train", cfg.max_transitions, cfg.label_batch, cfg.seed, log)
+    val = label_transitions(bundle, cfg.data, "val", 0, cfg.label_batch, cfg.seed + 1, log)
+    label_s = time.perf_counter() - t0
+    keep = train.changed
+    if not keep.any():
+        raise ConfigError(f"--data {cfg.data}: no transition changes the frame; nothing to clone")
+    frames, labels = train.frames[keep], train.label[keep]
+    try:
+        tokens = tokenizer.encode_batch([m for m, k in zip(train.missions, keep) if k], MISSION_LEN)
+        v_tokens = tokenizer.encode_batch(val.missions, MISSION_LEN)
+    except ValueError as e:
+        raise ConfigError(f"--data {cfg.data}: a mission does not fit the bundle's vocabulary: {e}") from None
+    log(f"bc: {len(labels)} training transitions that change the frame (of {len(keep)}), labelled in {label_s:.0f}s; "
+        f"label agreement with the videos' own actions: train {np.mean(labels == train.true[keep]):.3f}")
+
+    obs_space, act_space = policy_spaces(bundle.adapter.num_real, tokenizer.vocab_size, bundle.config.frame_size)
+    module = build_policy(obs_space, act_space, cfg.vision_dim, cfg.hidden_dim)
+    module.train()
+    params = [p for n, p in module.named_parameters() if not n.startswith("aux.")]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    frames_t, tokens_t, labels_t = torch.from_numpy(frames), torch.from_numpy(tokens), torch.from_numpy(labels).long()
+    logger = RunLogger(out, "bc", {k: v for k, v in vars(cfg).items()}, cfg.wandb)
+    try:
+        run_loss, run_acc = 0.0, 0.0
+        for step in range(1, cfg.steps + 1):
+            idx = torch.randint(0, len(labels_t), (cfg.batch,), generator=gen)
+            images = random_shift(frames_t[idx], cfg.augment_pad, generator=gen)  # [B, H, W, 3] float
+            logits = _logits(module, images, tokens_t[idx])
+            loss = torch.nn.functional.cross_entropy(logits, labels_t[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            run_loss += float(loss.detach())
+            run_acc += float((logits.argmax(-1) == labels_t[idx]).float().mean())
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
+                logger.scalars(step, {"bc/loss": run_loss / n, "bc/train_accuracy": run_acc / n,
+                                      "bc/lr": sched.get_last_lr()[0]})
+                log(f"bc: step {step}/{cfg.steps} loss {run_loss / n:.4f} accuracy {run_acc / n:.3f}")
+                run_loss, run_acc = 0.0, 0.0
+        module.eval()
+        vc = val.changed
+        metrics = {
+            "train_transitions": int(len(labels)),
+            "train_transitions_unchanged_skipped": int((~keep).sum()),
+            "adapter_labelled_transitions": int(bundle.adapter.num_labelled),
+            "label_vs_true_action_train": float(np.mean(labels == train.true[keep])),
+            "label_vs_true_action_val": float(np.mean(val.label[vc] == val.true[vc])) if vc.any() else float("nan"),
+            "policy_vs_label_val": _accuracy(module, val.frames[vc], v_tokens[vc], val.label[vc]),
+            "policy_vs_true_action_val": _accuracy(module, val.frames[vc], v_tokens[vc], val.true[vc]),
+            "val_transitions": int(vc.sum()),
+            "label_s": round(label_s, 1),
+            "wall_clock_s": round(time.perf_counter() - t0, 1),
+        }
+        logger.scalars(cfg.steps, {f"bc/{k}": v for k, v in metrics.items()})
+    finally:
+        logger.close()
+    # The module checkpoint appears under its final name only once complete.
+    tmp = out / f".{POLICY_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.save_to_path(str(tmp))
+    os.replace(tmp, out / POLICY_DIR)
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()))
+    save_config(cfg, out / "config.json")
+    write_json_atomic(out / "bc_metrics.json", metrics)
+    log("bc: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+    return {"out": str(out), "policy": str(out / POLICY_DIR), "metrics": metrics}
