@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from .action_adapter import ActionAdapter
 from .atomic_files import write_file_atomic, write_json_atomic
 from .build import PART_NAMES, build_part
-from .config import WorldModelConfig
+from .config import WorldConfigError, WorldModelConfig
 from .level_constraints import FILE as CONSTRAINTS_FILE, LevelConstraints
 from .text_encoder import Vocabulary
 
@@ -39,6 +39,11 @@ class BundleError(ValueError):
     def __init__(self, path, problem: str):
         self.path, self.problem = str(path), problem
         super().__init__(f"world bundle {self.path}: {problem}")
+
+    def __reduce__(self):
+        # Ray re-raises an actor's error in the caller by pickling it; the default reduce passes only the
+        # message, so without this the caller got "Failed to deserialize exception" instead of this error.
+        return type(self), (self.path, self.problem)
 
 
 def _sha256(path: Path) -> str:
@@ -129,6 +134,10 @@ def load_bundle(run, parts=PART_NAMES, device: str | torch.device = "cpu", verif
     if extra:
         raise BundleError(cfg_path, f"unknown config fields {extra} (written by another genie-sima version?)")
     cfg = WorldModelConfig(**cfg_dict)
+    try:
+        cfg.validate()  # a hand-edited field of the wrong type otherwise failed later, far from the file
+    except WorldConfigError as e:
+        raise BundleError(cfg_path, f"invalid config: {e}") from e
     vocab = Vocabulary.from_json(json.loads((run / "vocab.json").read_text())) if (run / "vocab.json").exists() else None
     adapter_path = run / "action_adapter.json"
     adapter = ActionAdapter.from_json(json.loads(adapter_path.read_text())) if adapter_path.exists() else None

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 
 from .fsq import parse_levels
@@ -103,7 +104,17 @@ class WorldModelConfig:
                 "heads": self.head_batch, "prior": self.prior_batch}[stage]
 
     def validate(self) -> None:
-        problems = []
+        # Types first: the Python API and a bundle's config.json bypass argparse, and a wrong type
+        # otherwise surfaced as a TypeError deep inside a Ray Train worker after files were written.
+        hints = typing.get_type_hints(type(self))
+        problems = [f"{f.name}: expected {hints[f.name].__name__}, got {type(v).__name__} {v!r}"
+                    for f in dataclasses.fields(self) if not _has_type(v := getattr(self, f.name), hints[f.name])]
+        if problems:
+            raise WorldConfigError("; ".join(problems))
+        for f in dataclasses.fields(self):
+            low = 0 if f.name == "warmup_steps" else 1
+            if f.name.endswith(("_steps", "_batch", "_every")) and getattr(self, f.name) < low:
+                problems.append(f"{f.name}: expected an integer >= {low}, got {getattr(self, f.name)}")
         if self.frame_size % self.patch:
             problems.append(f"frame_size {self.frame_size} is not divisible by patch {self.patch}")
         try:
@@ -126,6 +137,12 @@ class WorldModelConfig:
 
 class WorldConfigError(ValueError):
     pass
+
+
+def _has_type(value, want: type) -> bool:
+    if isinstance(value, bool):  # bool is an int to Python, never to a config
+        return want is bool
+    return isinstance(value, want) or (want is float and isinstance(value, int))
 
 
 PRESETS: dict[str, dict] = {

@@ -30,6 +30,11 @@ class LevelFileError(ValueError):
         self.path, self.problem = str(path), problem
         super().__init__(f"level file {self.path}: {problem}")
 
+    def __reduce__(self):
+        # Ray re-raises an actor's error in the caller by pickling it; the default reduce passes only the
+        # message, so without this the caller got "Failed to deserialize exception" instead of this error.
+        return type(self), (self.path, self.problem)
+
 
 @dataclass
 class LevelSet:

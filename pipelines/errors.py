@@ -21,6 +21,9 @@ class ShardError(GenieSimaError):
         self.problem = problem
         super().__init__(f"shard {self.path}: {problem}")
 
+    def __reduce__(self):  # raised inside a Ray task, it must cross back to the caller intact
+        return type(self), (self.path, self.problem)
+
 
 class ManifestError(GenieSimaError):
     """The Parquet manifest is missing, unreadable or disagrees with the shards."""
@@ -29,3 +32,6 @@ class ManifestError(GenieSimaError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"manifest {self.path}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.problem)

@@ -80,7 +80,7 @@ def _check_resume(run: Path, cfg: WorldModelConfig, data_sha: str) -> None:
 
 
 def _run_stage(stage: str, args: PretrainArgs, cfg: WorldModelConfig, run: Path, log) -> None:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from .pretrain_loop import pretrain_loop
@@ -90,12 +90,16 @@ def _run_stage(stage: str, args: PretrainArgs, cfg: WorldModelConfig, run: Path,
                       columns=["frames", "actions", "rewards", "terminated", "mission"])
     # On a small CPU node whole-CPU workers starve Ray Data's read tasks and the run hangs.
     resources = {"CPU": 1, "GPU": 1} if args.gpu else {"CPU": 0.5}
+    # Blocks in read order, not completion order: the batch sequence is then a function of the seed, which
+    # is what lets a resumed run skip exactly the batches it trained on before the kill.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     trainer = TorchTrainer(
         pretrain_loop,
         train_loop_config={"stage": stage, "cfg": dataclasses.asdict(cfg), "run_dir": str(run),
                            "run_name": run.name, "wandb_mode": args.wandb, "wandb_project": args.wandb_project},
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpu, resources_per_worker=resources),
-        datasets={"train": ds},
+        datasets={"train": ds}, dataset_config=DataConfig(execution_options=ingest),
         run_config=RunConfig(name=stage, storage_path=str(run / "ray_train"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=2)),

@@ -2,8 +2,10 @@
 
 AdamW with linear warmup + cosine decay, gradient clipping, bf16 autocast and optional
 torch.compile on GPU, DDP across workers (``prepare_model``), Ray Train checkpoints every
-``checkpoint_every`` steps (model, optimiser, scheduler, step, RNG) so a killed run resumes at the
-same step, metrics to TensorBoard/wandb and Ray metrics. Rank 0 writes the final part into the bundle.
+``checkpoint_every`` steps (model, optimiser, scheduler, step, RNG, position in the data) so a killed
+run resumes at the same step and sees the same batches after it as an uninterrupted run (same final
+weights with one worker), metrics to TensorBoard/wandb and Ray metrics. Rank 0 writes the final part
+into the bundle.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def pretrain_loop(config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
 
-    step = 0
+    step, epoch, skip = 0, 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -103,7 +105,12 @@ def pretrain_loop(config: dict) -> None:
         sched.load_state_dict(state["sched"])
         generator.set_state(state["generator"].cpu() if not on_gpu else state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if on_gpu and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
         step = state["step"]
+        # Without the data position a resumed run restarted the epoch and trained on other batches than
+        # an uninterrupted one (final tokenizer PSNR 14.916 vs 14.919 dB in a 40-step micro run).
+        epoch, skip = state.get("epoch", 0), state.get("batch_in_epoch", 0)
     if rank == 0:
         log_event(run_dir, event="resumed" if ckpt is not None else "started", stage=stage, step=step, total=total)
         print(f"pretrain[{stage}]: {'resumed from checkpoint at' if ckpt is not None else 'starting at'} step {step}/{total}",
@@ -126,13 +133,16 @@ def pretrain_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     batch_size = cfg.batch_for(stage)
     sums: dict[str, float] = {}
-    count, window_t0, window_samples, epoch = 0, time.perf_counter(), 0, 0
+    count, window_t0, window_samples = 0, time.perf_counter(), 0
     while step < total:
-        got_batch = False
+        got_batch, seen = False, 0
         for nb in shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True,
                                      local_shuffle_buffer_size=cfg.shuffle_buffer,
                                      local_shuffle_seed=cfg.seed + 1000 * epoch + rank):
             got_batch = True
+            seen += 1
+            if seen <= skip:  # trained on before the checkpoint we resumed from: same shuffle, so skip them
+                continue
             batch = batch_to_torch(nb, device)
             part.train()
             with autocast:
@@ -162,7 +172,8 @@ def pretrain_loop(config: dict) -> None:
                         if rank == 0:
                             torch.save({"model": part.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                                         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-                                        "step": step}, Path(d) / "state.pt")
+                                        **({"cuda_rng": torch.cuda.get_rng_state()} if on_gpu else {}),
+                                        "step": step, "epoch": epoch, "batch_in_epoch": seen}, Path(d) / "state.pt")
                             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
                         else:
                             ray.train.report(report)
@@ -177,7 +188,7 @@ def pretrain_loop(config: dict) -> None:
         if not got_batch:
             raise RuntimeError(f"stage {stage}: the training data has fewer clips than one batch ({batch_size}); "
                                "collect more episodes or lower the batch size")
-        epoch += 1
+        epoch, skip = epoch + 1, 0
     if rank == 0:
         save_part(run_dir, part_name, part)
         log_event(run_dir, event="finished", stage=stage, step=step, total=total)

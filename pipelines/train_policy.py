@@ -91,6 +91,37 @@ def parse_env(spec: str) -> EnvSpec:
     raise ConfigError(f"--env {spec!r}: expected 'world://RUN?prompt=...' or 'babyai:LEVEL'")
 
 
+def check_world_inputs(spec: EnvSpec):
+    """Load the bundle's vocabulary and check the prompt, mission and level file against it (raises the
+    world model's own errors: BundleError, UnknownWordsError, LevelFileError); returns the bundle."""
+    from genie_world.bundle import load_bundle
+    from genie_world.levels import load_levels
+
+    bundle = load_bundle(spec.target, parts=("tokenizer",))
+    p = spec.params
+    for what in ("prompt", "mission"):
+        if what in p:
+            _check_words(bundle, p[what], what)
+    if "level_file" in p:
+        load_levels(p["level_file"], bundle)
+    for key in ("num_levels", "max_episode_steps", "seed", "capacity"):
+        if key in p:
+            try:
+                int(p[key])
+            except ValueError:
+                raise ConfigError(f"--env: {key}={p[key]!r} is not an integer") from None
+    return bundle
+
+
+def _check_words(bundle, text: str, what: str) -> None:
+    from genie_world.text_encoder import UnknownWordsError
+
+    try:
+        bundle.vocab.encode(text, bundle.config.text_max_len)
+    except UnknownWordsError as e:
+        raise UnknownWordsError(f"--env {what}={text!r}: {e}") from None
+
+
 def babyai_missions(level: str, n: int = 300, seed: int = 0) -> list[str]:
     """The missions a BabyAI level generates (for the instruction vocabulary)."""
     from .data.babyai_game import BabyAIGame
@@ -190,6 +221,9 @@ def train(cfg: TrainConfig, log=None) -> dict:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     spec = parse_env(cfg.env)
+    # Refuse bad worlds before anything is written or started: inside RLlib, an env that cannot be made
+    # is recreated again and again (restart_failed_sub_environments), never refused.
+    bundle = check_world_inputs(spec) if spec.kind == "world" else None
     out = Path(cfg.out).resolve()
     check_writable_dir(out, "--out")
     latest = latest_checkpoint(out)
@@ -203,9 +237,6 @@ def train(cfg: TrainConfig, log=None) -> dict:
     server, server_name = None, None
     try:
         if spec.kind == "world":
-            from genie_world.bundle import load_bundle
-
-            bundle = load_bundle(spec.target, parts=("tokenizer",))  # vocabulary and a fast refusal
             tokenizer = InstructionTokenizer.from_texts(bundle.vocab.words[1:], max_len=16)
             from genie_world.world_server import start_world_server
 

@@ -353,3 +353,10 @@ def test_grafana_check_catches_a_missing_panel():
     dash["panels"] = [p for p in dash["panels"]
                       if not any("ray_genie_sima_replay_size" in t["expr"] for t in p.get("targets", []))]
     assert metrics_without_a_panel(dash) == ["genie_sima_replay_size"]
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launcher_clusters_bind_the_dashboard_to_loopback(name):
+    # Reached from a laptop through `ray dashboard cluster/<name>` (SSH forwarding), never exposed.
+    text = (Path(__file__).resolve().parent.parent / "cluster" / name).read_text()
+    assert "--dashboard-host=127.0.0.1" in text and "0.0.0.0" not in text

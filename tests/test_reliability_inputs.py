@@ -1,0 +1,254 @@
+"""Bad inputs refused with a message naming the thing and what was expected, and no partial output:
+wrong-typed config values (CLI flags, the Python API, a bundle's config.json), frames of the wrong size
+for a bundle, output directories that cannot be written, and a level file from another bundle (CLI and
+world server). Other bad inputs have their own tests: see the README's Reliability table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from genie_world.bundle import BundleError, load_bundle
+from genie_world.levels import LevelFileError
+from genie_world.world_builder import WorldBuilder
+from genie_world.world_server import start_world_server
+from pipelines.cli import main
+from pipelines.errors import ConfigError
+from pipelines.pretrain import PretrainArgs, pretrain
+from tests.conftest import kill_process_tree, run_collect
+
+PROMPT = "go to the red ball"
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    threads = torch.get_num_threads()  # some commands set the process's torch threads
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    """``genie-sima ARGV`` in this process: (exit code, stderr). argparse errors exit via SystemExit."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def other_bundle_levels(bundle_factory, tmp_path_factory) -> Path:
+    """A level file made by another bundle (other weights, so another fingerprint)."""
+    from genie_world.levels import save_levels
+
+    root = tmp_path_factory.mktemp("other")
+    other = load_bundle(bundle_factory(root / "bundle", seed=1))
+    return save_levels(root / "levels.h5", WorldBuilder(other).generate(PROMPT, num_worlds=2, seed=0))
+
+
+# --- config values of the wrong type ------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tok-steps", "abc"], "argument --tok-steps: invalid int value: 'abc'"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    (["--tok-steps", "0"], "tok_steps: expected an integer >= 1, got 0"),
+    (["--tok-batch", "-4"], "tok_batch: expected an integer >= 1, got -4"),
+])
+def test_pretrain_flags_of_wrong_type_or_value(babyai_mixed_data, tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    rc, err = _cli(capsys, "pretrain", "--data", babyai_mixed_data, "--out", out, "--preset", "micro", *argv)
+    assert rc == 2 and message in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--bundle", "{bundle}", "--prompt", PROMPT, "--out", "{out}/l.h5", "--num-worlds", "many"],
+     "argument --num-worlds: invalid int value: 'many'"),
+    (["train", "--env", "babyai:BabyAI-GoToRedBall-v0", "--out", "{out}", "--num-envs", "4.5"],
+     "argument --num-envs: invalid int value: '4.5'"),
+    (["evaluate", "--baselines", "random", "--levels", "BabyAI-GoToRedBall-v0", "--episodes", "lots",
+      "--out", "{out}"], "argument --episodes: invalid int value: 'lots'"),
+])
+def test_other_commands_refuse_flags_of_wrong_type(random_bundle, tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    rc, err = _cli(capsys, *[a.format(bundle=random_bundle, out=out) for a in argv])
+    assert rc == 2 and message in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"tok_steps": "abc"}, "tok_steps: expected int, got str 'abc'"),
+    ({"lr": "fast"}, "lr: expected float, got str 'fast'"),
+    ({"qk_norm": "yes"}, "qk_norm: expected bool, got str 'yes'"),
+    ({"frame_size": 64.0}, "frame_size: expected int, got float 64.0"),
+    ({"dyn_steps": True}, "dyn_steps: expected int, got bool True"),
+])
+def test_preset_override_of_wrong_type_through_the_python_api(babyai_mixed_data, tmp_path, override, message):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        pretrain(PretrainArgs(data=str(babyai_mixed_data), out=str(out), preset="micro"), override, log=lambda m: None)
+    assert not out.exists()
+
+
+def test_bundle_config_field_of_wrong_type_names_the_file(random_bundle, tmp_path, capsys):
+    bundle = shutil.copytree(random_bundle, tmp_path / "bundle")
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["config"]["dyn_width"] = "32"  # hand-edited: a string where an int belongs
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BundleError, match=r"config\.json: invalid config: dyn_width: expected int, got str '32'") as e:
+        load_bundle(bundle)
+    assert str(bundle / "config.json") in str(e.value)
+    rc, err = _cli(capsys, "generate", "--bundle", bundle, "--prompt", PROMPT, "--out", tmp_path / "o" / "l.h5")
+    assert rc == 2 and "dyn_width: expected int, got str '32'" in err and not (tmp_path / "o" / "l.h5").exists()
+
+
+# --- frames of the wrong size ------------------------------------------------------------------------
+
+def test_frames_of_the_wrong_size_for_an_existing_bundle(ray_local, random_bundle, tmp_path, capsys):
+    data32 = tmp_path / "data32"
+    run_collect(data32, episodes=4, episodes_per_shard=4, frame_size=32)
+    bundle = shutil.copytree(random_bundle, tmp_path / "bundle")  # a 64x64 micro bundle
+    before = _digest(bundle)
+    args = PretrainArgs(data=str(data32), out=str(bundle), stage="tokenizer", preset="micro")
+    with pytest.raises(ConfigError, match=r"frames are 32x32 but the micro config expects frame_size 64; "
+                                          r"pass --frame-size 32 or collect with --frame-size 64"):
+        pretrain(args, {}, log=lambda m: None)
+    # Following the hint for a directory that already holds a 64x64 bundle is refused too.
+    with pytest.raises(ConfigError, match=r"holds a run with another config \(frame_size: 64 -> 32\)"):
+        pretrain(args, {"frame_size": 32}, log=lambda m: None)
+    assert _digest(bundle) == before
+
+    # An image prompt of the wrong size (generate --image).
+    image = tmp_path / "start.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    out = tmp_path / "levels"
+    rc, err = _cli(capsys, "generate", "--bundle", bundle, "--image", image, "--mission", PROMPT,
+                   "--out", out / "l.h5")
+    assert rc == 2 and f"--image {image}: is 32x32, the bundle expects 64x64 RGB" in err, err
+    assert not (out / "l.h5").exists() and not list(out.glob("*"))
+
+
+# --- output directories that cannot be written ---------------------------------------------------------
+
+def _locked_directory(tmp_path: Path) -> Path | None:
+    """An existing directory this process cannot write: chmod works unless we are root; /proc/sys
+    refuses even root. None when neither is available."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    if not os.access(locked, os.W_OK):
+        return locked
+    return Path("/proc/sys") if not os.access("/proc/sys", os.W_OK) else None
+
+
+COMMANDS = {
+    "pretrain": ["pretrain", "--data", "{data}", "--preset", "micro", "--out", "{out}"],
+    "generate": ["generate", "--bundle", "{bundle}", "--prompt", PROMPT, "--num-worlds", "2", "--out", "{out}/l.h5"],
+    "generate-grid": ["generate", "--bundle", "{bundle}", "--prompt", PROMPT, "--num-worlds", "2",
+                      "--out", "{tmp}/fine/l.h5", "--grid", "{out}/grid.png"],
+    "evaluate": ["evaluate", "--baselines", "random", "--levels", "BabyAI-GoToRedBall-v0", "--episodes", "1",
+                 "--out", "{out}"],
+    "train": ["train", "--env", "babyai:BabyAI-GoToRedBall-v0", "--out", "{out}"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_output_directories_that_cannot_be_written(babyai_mixed_data, random_bundle, tmp_path, capsys, command):
+    def argv(out):
+        fill = dict(data=babyai_mixed_data, bundle=random_bundle, out=out, tmp=tmp_path)
+        return [a.format(**fill) for a in COMMANDS[command]]
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    rc, err = _cli(capsys, *argv(blocker / "sub"))
+    flag = "--grid directory" if command == "generate-grid" else (
+        "--out directory" if command == "generate" else "--out")
+    assert rc == 2 and f"{flag} {blocker / 'sub'}: cannot create directory" in err, err
+    assert "Traceback" not in err and blocker.read_text() == "not a directory"
+    assert not (tmp_path / "fine" / "l.h5").exists()  # generate checks every target before writing any
+
+    locked = _locked_directory(tmp_path)
+    try:
+        if locked is None:
+            pytest.skip("no directory here refuses writes to this user")
+        rc, err = _cli(capsys, *argv(locked))
+        assert rc == 2 and f"{locked}: directory is not writable" in err, err
+    finally:
+        os.chmod(tmp_path / "locked", 0o700)
+
+
+# --- a level file from another bundle ------------------------------------------------------------------
+
+def test_level_file_from_another_bundle_via_the_play_command(random_bundle, other_bundle_levels, capsys):
+    rc, err = _cli(capsys, "play", "--bundle", random_bundle, "--level", other_bundle_levels, "--port", "0")
+    assert rc == 2, err
+    assert f"level file {other_bundle_levels}: made by world bundle" in err and "fingerprint" in err
+    assert f"generate the levels again with `genie-sima generate --bundle {random_bundle}`" in err
+
+
+def test_level_file_from_another_bundle_sent_to_a_world_server(ray_local, random_bundle, other_bundle_levels):
+    server = start_world_server(random_bundle, name="inputs-world", num_cpus=0.5, capacity=8, max_episode_steps=6,
+                                threads=1)
+    try:
+        with pytest.raises(LevelFileError) as e:  # the error itself crosses the actor boundary, not a pickling error
+            ray.get(server.open.remote(2, level_file=str(other_bundle_levels)))
+        assert e.value.path == str(other_bundle_levels) and "fingerprint" in e.value.problem
+        assert ray.get(server.info.remote())["free"] == 8  # nothing was allocated
+        opened = ray.get(server.open.remote(2, prompt=PROMPT))  # and the server keeps serving
+        out = ray.get(server.step.remote(opened["client"], np.array([0, 1])))
+        assert list(out["envs"]) == opened["envs"]
+    finally:
+        ray.kill(server)
+
+
+def test_level_file_from_another_bundle_via_train(random_bundle, other_bundle_levels, tmp_path):
+    out = tmp_path / "agent"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "train.err"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "train", "--env",
+                                 f"world://{random_bundle}?level_file={other_bundle_levels}", "--out", str(out),
+                                 "--num-envs", "2", "--rollout-steps", "8", "--total-timesteps", "16"],
+                                stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=90)  # a refusal took 18-30 s here; a retry loop never ends
+        except subprocess.TimeoutExpired:
+            kill_process_tree(proc)  # its own local Ray too
+            pytest.fail("train did not refuse a level file of another bundle within 90 s (retrying the env "
+                        f"forever?); last output:\n{log.read_text()[-2000:]}")
+    stderr = log.read_text()
+    assert proc.returncode == 2, stderr[-3000:]
+    error = [line for line in stderr.splitlines() if line.startswith("genie-sima train: error:")]
+    assert error and f"level file {other_bundle_levels}: made by world bundle" in error[0], stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert not out.exists() or not list(out.iterdir()), "a refused train left output behind"
+
+
+def test_unknown_prompt_words_via_train_are_refused_before_anything_is_written(random_bundle, tmp_path):
+    from genie_world.text_encoder import UnknownWordsError
+    from pipelines.train_policy import TrainConfig, train
+
+    out = tmp_path / "agent"
+    with pytest.raises(UnknownWordsError, match=r"--env prompt='go to the zebra'.*unknown words \['zebra'\]"):
+        train(TrainConfig(env=f"world://{random_bundle}?prompt=go to the zebra", out=str(out)), log=lambda m: None)
+    with pytest.raises(ConfigError, match="num_levels='many' is not an integer"):
+        train(TrainConfig(env=f"world://{random_bundle}?prompt=go to the red ball&num_levels=many", out=str(out)),
+              log=lambda m: None)
+    assert not out.exists()
