@@ -2,16 +2,15 @@
 #   make demo   - set up .venv and run the main job on a local Ray
 #   make test   - set up .venv and run the whole test suite
 PY := .venv/bin/python
-DEMO_OUT ?= runs/demo-data
+DEMO_OUT ?= runs/demo
 
 .PHONY: setup demo test bench world-tiny clean
 setup:
 	@bash scripts/setup_env.sh
 
+# The whole loop (collect, pretrain, levels, BC + PPO in imagination, real-game evaluation, report.html).
 demo: setup
-	$(PY) -m pipelines.cli collect --source babyai:BabyAI-GoToLocal-v0 --episodes 64 \
-	    --policy mixed --epsilon 0.2 --workers 2 --seed 0 --out $(DEMO_OUT)
-	$(PY) -m pipelines.cli info --data $(DEMO_OUT)
+	$(PY) -m pipelines.cli demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
 # Collect 3000 BabyAI GoToLocal episodes and pretrain the tiny world model (about 15 min on 2 cores).
 world-tiny: setup

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sima_policy.instruction_tokenizer import UnknownWordsError
+
 from .atomic_io import check_writable_dir, write_json_atomic
 from .config import config_field as _f, save_config
 from .errors import ConfigError
@@ -206,8 +208,16 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
         for name in agents:
             base = len(rows) * cfg.episodes
             record = cfg.gifs if bundle is not None and name in policies else 0
-            r = run_episodes(level, policies.get(name, name), cfg.episodes, cfg.seed, cfg.max_steps,
-                             progress=lambda n, base=base: line.update(base + n), record=record)
+            try:
+                r = run_episodes(level, policies.get(name, name), cfg.episodes, cfg.seed, cfg.max_steps,
+                                 progress=lambda n, base=base: line.update(base + n), record=record)
+            except UnknownWordsError as e:
+                # A policy trained on another level's missions cannot read this one: a row that says so,
+                # and the other rows are kept.
+                rows.append({"level": level, "agent": name, "episodes": 0, "success_rate": None,
+                             "mean_return": None, "mean_length_success": None, "skipped": str(e)})
+                log(f"evaluate: {level} {name}: skipped, the policy cannot read this level's missions ({e})")
+                continue
             tapes = r.pop("recorded", [])
             if tapes:
                 from .rollout_videos import real_vs_imagined_gifs
@@ -226,6 +236,9 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
 def format_table(rows: list[dict]) -> str:
     lines = ["| level | agent | episodes | success | mean return | mean length (successes) |", "|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("skipped"):
+            lines.append(f"| {r['level']} | {r['agent']} | 0 | cannot read this level's missions | | |")
+            continue
         length = "" if r["mean_length_success"] is None else f"{r['mean_length_success']:.1f}"
         lines.append(f"| {r['level']} | {r['agent']} | {r['episodes']} | {r['success_rate']:.3f} | "
                      f"{r['mean_return']:.3f} | {length} |")

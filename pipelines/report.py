@@ -141,8 +141,9 @@ def _section_eval(d: Path) -> str:
     ev = _read_json(d / "eval" / "evaluation.json")
     if ev is None:
         return _missing("eval/evaluation.json")
-    rows = [[r["level"], r["agent"], r["episodes"], r["success_rate"], r["mean_return"], r["mean_length_success"]]
-            for r in ev["rows"]]
+    rows = [[r["level"], r["agent"], r["episodes"],
+             "cannot read this level's missions" if r.get("skipped") else r["success_rate"], r["mean_return"],
+             r["mean_length_success"]] for r in ev["rows"]]
     parts = [_table(["level (real game)", "agent", "episodes", "success", "mean return", "mean length (successes)"],
                     rows)]
     gifs = [d / "eval" / g for g in ev.get("gifs", [])]

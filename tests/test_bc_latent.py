@@ -126,3 +126,23 @@ def test_evaluate_named_policies_with_real_vs_imagined_gifs(cloned, data_bundle,
     assert "| BabyAI-GoToRedBall-v0 | bc | 3 |" in (tmp_path / "ev" / "evaluation.md").read_text()
     with pytest.raises(ConfigError, match="bad or repeated name"):
         evaluate(EvaluateConfig(policy=f"bot={out}", out=str(tmp_path / "x")), log=lambda m: None)
+
+
+def test_a_policy_that_cannot_read_a_levels_missions_gets_a_row_saying_so(cloned, tmp_path):
+    import shutil
+
+    from pipelines.evaluate import EvaluateConfig, evaluate, format_table
+    from sima_policy.instruction_tokenizer import InstructionTokenizer
+
+    out, _ = cloned
+    narrow = tmp_path / "narrow"
+    shutil.copytree(out, narrow)  # the same policy, reading only GoToRedBall's one mission
+    (narrow / "tokenizer.json").write_text(json.dumps(InstructionTokenizer.from_texts(["go to the red ball", "go to a red ball"]).to_json()))
+    ev = evaluate(EvaluateConfig(policy=f"narrow={narrow}", levels="BabyAI-GoToLocal-v0,BabyAI-GoToRedBall-v0",
+                                 episodes=3, max_steps=4, baselines="random", out=str(tmp_path / "ev")),
+                  log=lambda m: None)
+    rows = {(r["level"], r["agent"]): r for r in ev["rows"]}
+    assert rows[("BabyAI-GoToLocal-v0", "narrow")]["skipped"].startswith("mission")
+    assert rows[("BabyAI-GoToLocal-v0", "random")]["episodes"] == 3  # the other rows are kept
+    assert rows[("BabyAI-GoToRedBall-v0", "narrow")]["episodes"] == 3
+    assert "| BabyAI-GoToLocal-v0 | narrow | 0 | cannot read this level's missions |" in format_table(ev["rows"])

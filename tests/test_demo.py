@@ -24,6 +24,7 @@ def _demo(out, *extra):
                            "--wandb", "disabled", *extra], capture_output=True, text=True, env=env, timeout=900)
 
 
+@pytest.mark.timeout(1500)  # two demo runs; about 5 minutes on an idle 2-core machine
 def test_micro_demo_runs_end_to_end_and_resumes(tmp_path, browser):  # noqa: F811
     out = tmp_path / "demo"
     proc = _demo(out)
