@@ -34,7 +34,7 @@ from .errors import ConfigError
 SETTINGS: dict[str, dict] = {
     "laptop": {},
     "micro": dict(episodes=32, episodes_per_shard=8, val_fraction=0.25, preset="micro", world_overrides="", num_worlds=4,
-                  bc_steps=20, ppo_envs=4, ppo_rollout_steps=16, ppo_timesteps=64, real_ppo_timesteps=64,
+                  bc_steps=20, ppo_envs=4, ppo_rollout_steps=16, ppo_timesteps=128, real_ppo_timesteps=64,
                   eval_levels="BabyAI-GoToRedBall-v0", eval_episodes=2, gifs=1),
 }
 

@@ -132,9 +132,13 @@ def _section_ppo(d: Path) -> str:
         return _missing("ppo/logs/train_events.jsonl")
     events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     xs = [e.get("steps", i) for i, e in enumerate(events)]
-    series = {"imagined success": [e.get("imagined_success") for e in events],
-              "imagined return": [e.get("env_runners/episode_return_mean") for e in events]}
-    return svg_curve(xs, series) + f"<p>{len(events)} PPO iterations in imagination, {xs[-1] if xs else 0} env steps.</p>"
+    outcome = {"imagined success": [e.get("imagined_success") for e in events],
+               "imagined return": [e.get("env_runners/episode_return_mean") for e in events]}
+    learning = {"policy entropy": [e.get("learners/default_policy/entropy") for e in events],
+                "value loss": [e.get("learners/default_policy/vf_loss") for e in events]}
+    return ("<p>Imagined episodes that ended (success = ended by predicted termination):</p>" + svg_curve(xs, outcome)
+            + "<p>The learner, per iteration:</p>" + svg_curve(xs, learning)
+            + f"<p>{len(events)} PPO iterations in imagination, {xs[-1] if xs else 0} env steps.</p>")
 
 
 def _section_eval(d: Path) -> str:
