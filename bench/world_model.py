@@ -100,6 +100,9 @@ def main() -> None:
             if history > 1:
                 dyn.prime(cache, ctx_ids[:, 1:], torch.zeros(g, history - 1, dtype=torch.long, device=dev))
             a = torch.zeros(g, dtype=torch.long, device=dev)
+            # One uncommitted pass moves the history into the cache's frame buffer, where it sits
+            # after any generated frame; the views saved below then rewind within that buffer.
+            dyn.transformer.forward_cached(dyn.tok_embed(ctx_ids[:, -1:]) + dyn.pos, cache)
             saved = [(layer.k, layer.v) for layer in cache.layers]
 
             def gen_frame():

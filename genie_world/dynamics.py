@@ -14,9 +14,15 @@ from torch import nn
 
 from .scalars import item as _item
 
+from .level_constraints import constrain_logits
 from .maskgit import maskgit_decode, random_mask
 from .slot_cache import SlotKVCache
-from .st_transformer import KVCache, STTransformer
+from .small_attention import kernel_available
+from .st_transformer import KVCache, STTransformer, linear
+
+
+def _kernel_ok(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.stride(-1) == 1 and kernel_available()
 
 
 class DynamicsModel(nn.Module):
@@ -40,26 +46,32 @@ class DynamicsModel(nn.Module):
             actions = torch.cat([none, actions], dim=1)  # [B, T]
         return self.action_embed(actions)
 
+    def hidden(self, ids: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """ids [B, T, P] (mask_id where masked), actions [B, T-1] -> final hidden states [B, T, P, D]."""
+        return self.transformer(self.tok_embed(ids) + self.pos, cond=self._cond(actions, True))
+
     def forward(self, ids: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """ids [B, T, P] (mask_id where masked), actions [B, T-1] -> logits [B, T, P, V]."""
-        h = self.transformer(self.tok_embed(ids) + self.pos, cond=self._cond(actions, True))
-        return self.head(h)
+        return self.head(self.hidden(ids, actions))
 
     def loss(self, ids: torch.Tensor, actions: torch.Tensor, generator=None) -> tuple[torch.Tensor, dict]:
         b, t, p = ids.shape
         mask = random_mask((b, t, p), self.mask_low, self.mask_high, generator, ids.device)
         mask[:, 0] = False  # frame 0 is always given (the prompt / the real first frame)
-        logits = self(torch.where(mask, self.mask_id, ids), actions)
+        # The loss reads only masked positions: the codebook head runs on those rows alone.
+        logits = self.head(self.hidden(torch.where(mask, self.mask_id, ids), actions)[mask])  # [M, V]
+        target = ids[mask]
         # Most tokens never change (floor, walls); weighting the ones that did change from the
         # previous frame spends the model's capacity on what the actions do.
         changed = torch.zeros_like(mask)
         changed[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        weight = 1.0 + (self.change_weight - 1.0) * changed[mask].float()
-        ce = F.cross_entropy(logits[mask], ids[mask], reduction="none")
+        changed_m = changed[mask]
+        weight = 1.0 + (self.change_weight - 1.0) * changed_m.float()
+        ce = F.cross_entropy(logits, target, reduction="none")
         loss = (weight * ce).sum() / weight.sum()
-        hit = logits[mask].argmax(-1) == ids[mask]
+        hit = logits.detach().argmax(-1) == target
         acc = hit.float().mean()
-        changed_acc = hit[changed[mask]].float().mean() if changed[mask].any() else torch.tensor(float("nan"))
+        changed_acc = hit[changed_m].float().mean() if changed_m.any() else torch.tensor(float("nan"))
         return loss, {"loss": _item(loss), "masked_token_acc": _item(acc), "changed_token_acc": _item(changed_acc)}
 
     # --- generation with a KV cache -------------------------------------------------------
@@ -84,14 +96,22 @@ class DynamicsModel(nn.Module):
         """Decode the next frame's ids [B, P] given latent actions [B]; the frame is then committed."""
         cond = self.action_embed(actions)[:, None]  # [B, 1, D]
 
-        def logits_fn(frame_ids):
+        def logits_fn(frame_ids, rows=None):
             x = self.tok_embed(frame_ids[:, None]) + self.pos  # [B, 1, P, D]
-            return self.head(self.transformer.forward_cached(x, cache, cond=cond))[:, 0]
+            return self._head_rows(self.transformer.forward_cached(x, cache, cond=cond)[:, 0], rows)
 
         ids = maskgit_decode(logits_fn, actions.shape[0], self.num_patches, self.mask_id, steps, temperature,
-                             schedule, generator, actions.device)
-        self.prime(cache, ids[:, None], actions[:, None])
+                             schedule, generator, actions.device, rows=True)
+        # Commit: the frame's keys/values are all the cache needs (its outputs are not).
+        self.transformer.forward_cached(self.tok_embed(ids[:, None]) + self.pos, cache,
+                                        cond=self.action_embed(actions[:, None]), commit=True, need_output=False)
         return ids
+
+    def _head_rows(self, h: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Codebook logits of h [B, P, D] at positions ``rows`` [B, M] (all when None) -> [B, M, V]."""
+        if rows is not None:
+            h = h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
+        return linear(h, self.head.weight, self.head.bias)
 
     @torch.no_grad()
     def rollout(self, first_ids: torch.Tensor, actions: torch.Tensor, steps: int, temperature: float,
@@ -109,12 +129,12 @@ class DynamicsModel(nn.Module):
     def generate_next_uncached(self, context: torch.Tensor, actions: torch.Tensor, steps: int, temperature: float,
                                schedule: str = "cosine", generator: torch.Generator | None = None) -> torch.Tensor:
         """Reference path: re-run the whole history each step. context [B, t, P], actions [B, t]."""
-        def logits_fn(frame_ids):
+        def logits_fn(frame_ids, rows=None):
             ids = torch.cat([context, frame_ids[:, None]], dim=1)
-            return self(ids, actions)[:, -1]
+            return self._head_rows(self.hidden(ids, actions)[:, -1], rows)
 
         return maskgit_decode(logits_fn, context.shape[0], self.num_patches, self.mask_id, steps, temperature,
-                              schedule, generator, context.device)
+                              schedule, generator, context.device, rows=True)
 
     # --- served envs: one slot ring per env (see SlotKVCache) ----------------------------
     def new_slot_cache(self, num_envs: int, window: int, device=None, dtype=torch.float32) -> SlotKVCache:
@@ -125,8 +145,41 @@ class DynamicsModel(nn.Module):
         """Make frame ids [B, P], reached by latent ``actions`` [B] (``num_actions`` = episode start),
         each env's newest history frame."""
         x = self.tok_embed(ids[:, None]) + self.pos  # [B, 1, P, D]
-        self.transformer.forward_slots(x, cache, cond=self.action_embed(actions)[:, None])
+        self.transformer.forward_slots(x, cache, cond=self.action_embed(actions)[:, None], need_output=False)
         cache.commit()
+
+    @torch.no_grad()
+    def greedy_slots(self, cache: SlotKVCache, actions: torch.Tensor, groups=()) -> torch.Tensor:
+        """``generate_slots`` with one greedy MaskGIT step (every position decoded at once: the
+        World's default) under the level constraints ``groups`` (lists of code ids, each exactly
+        once per frame) -> ids [B, P]. Same result as ``maskgit_decode`` with ``constrain_logits``;
+        the constraint runs on [best other code, group codes] per position instead of the codebook."""
+        b, p = actions.shape[0], self.num_patches
+        x = self.tok_embed.weight[self.mask_id] + self.pos  # [P, D]: every position masked
+        h = self.transformer.forward_slots(x.expand(b, 1, p, -1), cache, cond=self.action_embed(actions)[:, None])
+        return self.greedy_codes(h[:, 0], groups)
+
+    @torch.no_grad()
+    def greedy_codes(self, h: torch.Tensor, groups=()) -> torch.Tensor:
+        """argmax of the codebook head at h [B, P, D] under the level constraints ``groups``."""
+        logits = linear(h, self.head.weight, self.head.bias).float()  # [B, P, V]
+        if not groups:
+            return logits.argmax(-1)
+        cols = torch.cat([torch.as_tensor(g, dtype=torch.long, device=h.device) for g in groups])
+        if _kernel_ok(logits):
+            excl = torch.zeros(logits.shape[-1], dtype=torch.bool, device=h.device)
+            excl[cols] = True
+            best, best_id = torch.ops.genie_sima_attn.rowmax_excl(logits, excl)
+        else:
+            best, best_id = logits.index_fill(-1, cols, float("-inf")).max(-1)
+        # Column 0: the best code outside every group; then each group's codes.
+        reduced = torch.cat([best[..., None], logits.index_select(-1, cols)], -1)
+        sizes = [len(g) for g in groups]
+        starts = torch.tensor([0] + sizes[:-1]).cumsum(0) + 1
+        rgroups = [torch.arange(int(s0), int(s0) + n, device=h.device) for s0, n in zip(starts, sizes)]
+        masked = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        pick = constrain_logits(reduced, torch.zeros_like(best_id), masked, rgroups).argmax(-1)
+        return torch.where(pick == 0, best_id, cols[(pick - 1).clamp_min(0)])
 
     @torch.no_grad()
     def generate_slots(self, cache: SlotKVCache, actions: torch.Tensor, steps: int, temperature: float,
@@ -134,9 +187,9 @@ class DynamicsModel(nn.Module):
         """Decode each env's next frame ids [B, P] under latent ``actions`` [B]; not committed."""
         cond = self.action_embed(actions)[:, None]  # [B, 1, D]
 
-        def logits_fn(frame_ids):
+        def logits_fn(frame_ids, rows=None):
             x = self.tok_embed(frame_ids[:, None]) + self.pos  # [B, 1, P, D]
-            return self.head(self.transformer.forward_slots(x, cache, cond=cond))[:, 0]
+            return self._head_rows(self.transformer.forward_slots(x, cache, cond=cond)[:, 0], rows)
 
         return maskgit_decode(logits_fn, actions.shape[0], self.num_patches, self.mask_id, steps, temperature,
-                              schedule, generator, actions.device, constrain)
+                              schedule, generator, actions.device, constrain, rows=True)

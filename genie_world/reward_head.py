@@ -37,9 +37,17 @@ class RewardHead(nn.Module):
         self.out = nn.Sequential(nn.Linear(2 * width, width), nn.SiLU(), nn.Linear(width, 2))
         self.term_pos_weight = term_pos_weight
 
-    def forward(self, text_ids: torch.Tensor, frame_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (reward [B], termination logit [B]) for arriving in frame ``frame_ids`` [B, P]."""
-        _, text, _ = self.text(text_ids)  # pooled mission [B, D]
+    def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """The pooled mission encoding [B, D] the head is conditioned on."""
+        return self.text(text_ids)[1]
+
+    def forward(self, text_ids: torch.Tensor, frame_ids: torch.Tensor,
+                text: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (reward [B], termination logit [B]) for arriving in frame ``frame_ids`` [B, P].
+        ``text``: ``encode_text(text_ids)`` when the caller keeps it (a World re-encodes a mission
+        only when an env resets)."""
+        if text is None:
+            text = self.encode_text(text_ids)  # pooled mission [B, D]
         b = frame_ids.shape[0]
         x = self.tok_embed(frame_ids).view(b, self.side, self.side, -1).permute(0, 3, 1, 2)  # [B, D, side, side]
         for conv, film in zip(self.convs, self.films):

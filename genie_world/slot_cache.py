@@ -10,8 +10,9 @@ subset of its envs per call. So each env has its own ring of ``window + 1`` slot
   the same window ``KVCache(max_frames=window)`` gives;
 - resetting an env clears its valid flags: no copy, no other env touched.
 
-Rows are env-major (env e owns rows ``e*P:(e+1)*P``), so a contiguous range of envs is a view
-(``narrow``) and stepping it writes straight into the shared buffers.
+Keys/values are stored [E, S, P, D] (env, slot, patch, channels), the model's activation layout:
+a contiguous range of envs is a view (``narrow``) and stepping it writes straight into the shared
+buffers; writing an env's new frame is one contiguous [P, D] block.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 @dataclass
 class SlotKVCache:
-    k: list[torch.Tensor]  # per layer [E*P, H, S, dh], S = window + 1
+    k: list[torch.Tensor]  # per layer [E, S, P, H*dh], S = window + 1
     v: list[torch.Tensor]
     valid: torch.Tensor  # [E, S] bool: slot holds a frame of the env's current episode, inside the window
     step: torch.Tensor  # [E] long: frames committed this episode = the next frame's position
@@ -35,7 +36,7 @@ class SlotKVCache:
         if window < 1:
             raise ValueError(f"window {window}: need at least one frame of temporal context")
         s = window + 1
-        shape = (num_envs * num_patches, heads, s, head_dim)
+        shape = (num_envs, s, num_patches, heads * head_dim)
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)],
                    torch.zeros(num_envs, s, dtype=torch.bool, device=device),
@@ -51,28 +52,20 @@ class SlotKVCache:
 
     def narrow(self, start: int, length: int) -> "SlotKVCache":
         """Envs [start, start+length) as views: writes land in this cache."""
-        p = self.num_patches
-        return SlotKVCache([k.narrow(0, start * p, length * p) for k in self.k],
-                           [v.narrow(0, start * p, length * p) for v in self.v],
-                           self.valid.narrow(0, start, length), self.step.narrow(0, start, length), p)
+        return SlotKVCache([k.narrow(0, start, length) for k in self.k], [v.narrow(0, start, length) for v in self.v],
+                           self.valid.narrow(0, start, length), self.step.narrow(0, start, length), self.num_patches)
 
     def gather(self, envs: torch.Tensor) -> "SlotKVCache":
         """A copy holding ``envs`` (any order, repeats allowed: counterfactual branches)."""
-        rows = self._rows(envs)
-        return SlotKVCache([k.index_select(0, rows) for k in self.k], [v.index_select(0, rows) for v in self.v],
+        return SlotKVCache([k.index_select(0, envs) for k in self.k], [v.index_select(0, envs) for v in self.v],
                            self.valid.index_select(0, envs), self.step.index_select(0, envs), self.num_patches)
 
     def scatter(self, envs: torch.Tensor, sub: "SlotKVCache") -> None:
         """Write back a ``gather``ed copy (``envs`` without repeats)."""
-        rows = self._rows(envs)
         for dst, src in zip(self.k + self.v, sub.k + sub.v):
-            dst.index_copy_(0, rows, src)
+            dst.index_copy_(0, envs, src)
         self.valid.index_copy_(0, envs, sub.valid)
         self.step.index_copy_(0, envs, sub.step)
-
-    def _rows(self, envs: torch.Tensor) -> torch.Tensor:
-        p = self.num_patches
-        return (envs[:, None] * p + torch.arange(p, device=envs.device)).reshape(-1)
 
     def clear(self, envs: torch.Tensor) -> None:
         """Forget the history of ``envs`` (bool [E] or indices): their next frame starts an episode."""
@@ -83,10 +76,15 @@ class SlotKVCache:
         return self.step % self.slots  # [E]
 
     def attention_mask(self) -> torch.Tensor:
-        """[E*P, 1, 1, S] bool: the env's valid slots plus the slot its new frame is written to."""
+        """[E, S] bool: the env's valid slots plus the slot its new frame is written to."""
         mask = self.valid.clone()
         mask[torch.arange(self.num_envs, device=mask.device), self.write_slot()] = True
-        return mask.repeat_interleave(self.num_patches, 0)[:, None, None, :]
+        return mask
+
+    def attention_bias(self, dtype=torch.float32) -> torch.Tensor:
+        """``attention_mask`` as an additive bias [E, 1, S] (one new frame): 0 where seen, -inf elsewhere."""
+        bias = torch.zeros(self.valid.shape, dtype=dtype, device=self.valid.device)
+        return bias.masked_fill_(~self.attention_mask(), float("-inf"))[:, None, :]
 
     def commit(self) -> None:
         """The frame just written becomes history; the slot after it (the oldest frame) leaves the window."""

@@ -95,14 +95,17 @@ class _EnvState:
     dec: SlotKVCache | None
     tokens: torch.Tensor  # [E, P]
     mission_ids: torch.Tensor  # [E, L]
+    mission_emb: torch.Tensor  # [E, D] the reward head's encoding of the mission (changes only on reset)
 
     def narrow(self, start: int, n: int) -> "_EnvState":
         return _EnvState(self.dyn.narrow(start, n), self.dec.narrow(start, n) if self.dec else None,
-                         self.tokens.narrow(0, start, n), self.mission_ids.narrow(0, start, n))
+                         self.tokens.narrow(0, start, n), self.mission_ids.narrow(0, start, n),
+                         self.mission_emb.narrow(0, start, n))
 
     def gather(self, idx: torch.Tensor) -> "_EnvState":
         return _EnvState(self.dyn.gather(idx), self.dec.gather(idx) if self.dec else None,
-                         self.tokens.index_select(0, idx), self.mission_ids.index_select(0, idx))
+                         self.tokens.index_select(0, idx), self.mission_ids.index_select(0, idx),
+                         self.mission_emb.index_select(0, idx))
 
     def scatter(self, idx: torch.Tensor, sub: "_EnvState") -> None:
         self.dyn.scatter(idx, sub.dyn)
@@ -110,6 +113,7 @@ class _EnvState:
             self.dec.scatter(idx, sub.dec)
         self.tokens.index_copy_(0, idx, sub.tokens)
         self.mission_ids.index_copy_(0, idx, sub.mission_ids)
+        self.mission_emb.index_copy_(0, idx, sub.mission_emb)
 
 
 @dataclass
@@ -159,6 +163,7 @@ class World:
         # them the tiny model's agent faded out of about half of the rollouts within 8 steps.
         self._sparse_reward = bool(bundle.constraints and bundle.constraints.reward_only_at_termination)
         groups = bundle.constraints.exactly_one if (constrained and bundle.constraints) else []
+        self._groups = [torch.as_tensor(g, dtype=torch.long, device=self.device) for g in groups]
         self._constrain = None
         if groups:
             tensors = [torch.as_tensor(g, dtype=torch.long, device=self.device) for g in groups]
@@ -173,7 +178,8 @@ class World:
         dec = self.tok.new_slot_cache(e, max(1, cfg.tok_clip_len - 1), self.device, self.dtype) if render else None
         self._state = _EnvState(self.dyn.new_slot_cache(e, self.context_frames, self.device, self.dtype), dec,
                                 torch.zeros(e, p, dtype=torch.long, device=self.device),
-                                torch.zeros(e, cfg.text_max_len, dtype=torch.long, device=self.device))
+                                torch.zeros(e, cfg.text_max_len, dtype=torch.long, device=self.device),
+                                torch.zeros(e, self.head.tok_embed.embedding_dim, dtype=self.dtype, device=self.device))
         self._frames = np.zeros((e, *self.frame_shape), np.uint8)
         self._episode_step = np.zeros(e, np.int64)
         self._episode = np.zeros(e, np.int64)  # episodes started per env (selects the next level)
@@ -331,6 +337,10 @@ class World:
             levels, tokens, mission_ids = self._pools[self._pool_of[idx[j]]]
             reset_tokens[j] = tokens[self._level_of[idx[j]]]
             sub.mission_ids[j] = mission_ids[self._level_of[idx[j]]]
+        if resetting.any():  # the head reads each env's mission encoding, recomputed only when it changes
+            rows = torch.as_tensor(np.flatnonzero(resetting), device=self.device)
+            with torch.no_grad():
+                sub.mission_emb[rows] = self.head.encode_text(sub.mission_ids[rows])
         latent = torch.zeros(len(idx), dtype=torch.long, device=self.device)
         stepping = ~resetting
         if stepping.any():
@@ -362,8 +372,11 @@ class World:
         where ``resetting``. Updates ``sub`` in place."""
         cfg = self.cfg
         if bool((~resetting).any()):
-            new = self.dyn.generate_slots(sub.dyn, latent, self.maskgit_steps, self.temperature,
-                                          cfg.maskgit_schedule, noise, self._constrain)
+            if self.temperature <= 0 and self.maskgit_steps == 1:  # greedy, every position at once
+                new = self.dyn.greedy_slots(sub.dyn, latent, self._groups)
+            else:
+                new = self.dyn.generate_slots(sub.dyn, latent, self.maskgit_steps, self.temperature,
+                                              cfg.maskgit_schedule, noise, self._constrain)
         else:
             new = torch.zeros_like(sub.tokens)
         if bool(resetting.any()):
@@ -378,7 +391,7 @@ class World:
         if sub.dec is not None:
             pix = self.tok.decode_slots(new, sub.dec).float()  # [B, H, W, 3] in about [0, 1]
             frames = (pix.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        reward, term_logit = self.head(sub.mission_ids, new)
+        reward, term_logit = self.head(sub.mission_ids, new, text=sub.mission_emb)
         terminated = term_logit > 0
         if self._sparse_reward:
             reward = torch.where(terminated, reward, torch.zeros_like(reward))
