@@ -371,10 +371,11 @@ def load_play_levels(bundle, prompt: str | None, level_file, num_levels: int, se
 async def _serve(app: _App, host: str, port: int, ready_callback) -> None:
     from aiohttp import web
 
-    runner = web.AppRunner(app.app, handle_signals=False, access_log=None)
+    # Open sockets get 2 s to finish on shutdown (aiohttp waits 60 s by default).
+    runner = web.AppRunner(app.app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, shutdown_timeout=2.0)
+        site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0]  # (host, port) or (host, port, flow, scope) for IPv6
         server = PlayServer(str(bound[0]), int(bound[1]), f"http://{_url_host(host)}:{int(bound[1])}/",

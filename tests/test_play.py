@@ -347,9 +347,11 @@ def _play_cmd(*args) -> list[str]:
 def test_command_prints_the_url_and_stops_on_ctrl_c(random_bundle):
     import urllib.request
 
+    # PYTHONFAULTHANDLER: if Ctrl+C does not stop it, SIGABRT makes it print every thread's stack
+    # (twice in full-suite runs it outlived 20 s and 60 s; it never did alone).
     proc = subprocess.Popen(_play_cmd("--bundle", str(random_bundle), "--prompt", PROMPT, "--port", "0",
                                       "--num-levels", "2"), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     try:
         line = proc.stdout.readline()
         m = re.search(r"at (http://127\.0\.0\.1:(\d+)/)", line)
@@ -357,7 +359,12 @@ def test_command_prints_the_url_and_stops_on_ctrl_c(random_bundle):
         with urllib.request.urlopen(m.group(1), timeout=10) as r:
             assert r.status == 200 and b'id="frame"' in r.read()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)  # 20 s was exceeded once with the 2 cores at load ~8
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=30)
+            pytest.fail(f"play did not stop within 60 s of SIGINT; its threads:\n{err[-8000:]}")
         assert proc.returncode == 0, err
         assert "stopped" in out
     finally:
