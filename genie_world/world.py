@@ -225,7 +225,7 @@ class World:
         return self._run(idx, acts)
 
     def check_actions(self, actions, n: int) -> np.ndarray:
-        a = np.asarray(actions)
+        a = _as_action_array(actions, f"({n},)")
         if a.ndim == 0 and n == 1:
             a = a.reshape(1)
         if a.shape != (n,):
@@ -250,7 +250,7 @@ class World:
     def branch(self, env: int, actions) -> Counterfactual:
         """Counterfactuals: from env ``env``'s current state, K futures under actions [K, H] in one
         batched call; the world itself is not changed."""
-        a = np.asarray(actions)
+        a = _as_action_array(actions, "[K, H] (K branches of H actions)")
         if a.ndim != 2:
             raise InvalidActionError(f"actions has shape {a.shape}; expected [K, H] (K branches of H actions)")
         k, h = a.shape
@@ -397,3 +397,12 @@ class World:
             reward = torch.where(terminated, reward, torch.zeros_like(reward))
         return {"frames": frames, "tokens": new.cpu().numpy(), "rewards": reward.float().cpu().numpy(),
                 "terminated": terminated.cpu().numpy()}
+
+
+def _as_action_array(actions, expected: str) -> np.ndarray:
+    """``np.asarray`` that turns a ragged or non-numeric input into an InvalidActionError."""
+    try:
+        return np.asarray(actions)
+    except (ValueError, TypeError) as e:  # e.g. [[1, 2], [3]]: numpy refuses inhomogeneous lists
+        raise InvalidActionError(f"actions {actions!r:.80}: expected an array of shape {expected} of integer "
+                                 f"actions ({type(e).__name__}: {e})") from e

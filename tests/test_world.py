@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from genie_world.bundle import load_bundle
-from genie_world.levels import LevelFileError, LevelSet, load_levels, save_levels
+from genie_world.levels import LevelFileError, load_levels, save_levels
 from genie_world.text_encoder import UnknownWordsError
 from genie_world.world import InvalidActionError, World
 from genie_world.world_builder import WorldBuilder
@@ -172,7 +172,7 @@ def test_invalid_actions_are_refused_and_step_nothing(bundle, levels):
     twin.reset(levels)
     for bad, msg in [([0, 7], r"actions\[1\] = 7: expected a real action in \[0, 7\)"),
                      ([0, -1], r"actions\[1\] = -1"), ([0.5, 1.0], "dtype float64"),
-                     ([1, 2, 3], r"shape \(3,\)")]:
+                     ([1, 2, 3], r"shape \(3,\)"), ([[1, 2], [3]], r"expected an array of shape \(2,\)")]:
         with pytest.raises(InvalidActionError, match=msg):
             world.step(bad)
     np.testing.assert_array_equal(world.step([1, 2]).tokens, twin.step([1, 2]).tokens)
