@@ -4,9 +4,10 @@
 - ``WorldVectorEnv``: N envs whose ``step`` is ONE call to a WorldModelServer (or one batched World
   step in this process), with gymnasium's next-step autoreset, which RLlib's EnvRunner expects.
 
-Observations are ``{"image": uint8 [H, W, 3], "mission": str}``; actions are Discrete real actions
-(through the bundle's action adapter) unless ``action_type="latent"``. Both are registered as
-``genie-sima/World-v0`` (``gym.make`` / ``gym.make_vec``) when ``genie_world`` is imported.
+Observations are ``{"image": uint8 [H, W, 3], "mission": str}``; the infos carry ``world_tokens``, the
+world model's token ids of that frame (int16 [P]), which the shared replay stores instead of pixels.
+Actions are Discrete real actions (through the bundle's action adapter) unless ``action_type="latent"``.
+Both are registered as ``genie-sima/World-v0`` (``gym.make`` / ``gym.make_vec``) when ``genie_world`` is imported.
 """
 
 from __future__ import annotations
@@ -147,11 +148,19 @@ def _call_when_up(submit, timeout_s: float = 180.0):
             wait = min(2.0, wait * 2)
 
 
+def world_tokens(tokens) -> np.ndarray:
+    """The world model's token ids of each env's frame, [N, P], in int16 when they fit (every bundle so far:
+    FSQ vocabularies are far below 32768), else int32. What the shared replay stores instead of pixels."""
+    t = np.asarray(tokens)
+    small = t.size == 0 or (int(t.min()) >= np.iinfo(np.int16).min and int(t.max()) <= np.iinfo(np.int16).max)
+    return t.astype(np.int16 if small else np.int32, copy=False)
+
+
 def _infos(out: dict) -> dict:
     n = len(out["rewards"])
     infos = {"mission": np.array(out["missions"], dtype=object), "level_id": np.array(out["level_ids"], dtype=object),
              "latent_action": np.asarray(out["latent_actions"]), "episode_step": np.asarray(out["episode_steps"]),
-             "is_first": np.asarray(out["is_first"])}
+             "is_first": np.asarray(out["is_first"]), "world_tokens": world_tokens(out["tokens"])}  # tokens [N, P]
     infos.update({f"_{k}": np.ones(n, bool) for k in list(infos)})
     return infos
 
@@ -214,7 +223,9 @@ class WorldModelEnv(gym.Env):
 
     @staticmethod
     def _info(infos) -> dict:
-        return {k: (v[0].item() if hasattr(v[0], "item") else v[0]) for k, v in infos.items() if not k.startswith("_")}
+        # Scalars become Python numbers; per-env arrays (world_tokens [P]) stay arrays.
+        return {k: (v[0].item() if np.ndim(v[0]) == 0 and hasattr(v[0], "item") else v[0])
+                for k, v in infos.items() if not k.startswith("_")}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)

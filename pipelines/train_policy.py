@@ -8,6 +8,12 @@ World envs: this driver starts one named WorldModelServer per run (GPU if one is
 EnvRunner's vector env finds it by name, so a restarted EnvRunner reconnects to the same server. Each
 EnvRunner's ``step`` is one call to the server for all its envs.
 
+World envs also get a shared replay (``--replay-capacity``, default 1e6 transitions; 0: off): every
+finished episode's world-model tokens, actions, rewards, flags, mission ids and episode id go in, in one add
+per episode (pipelines/replay_feed.py), and the Learners draw the language-matching and contrastive losses'
+batches from it (pipelines/replay_aux_batches.py). It is checkpointed with each training checkpoint
+(``iter_NNNNNN/replay``) and restored by ``--resume`` (pipelines/train_replay.py).
+
 Writes OUT/config.json (resolved), OUT/tokenizer.json, OUT/checkpoints/iter_NNNNNN (RLlib checkpoints,
 written to a temp dir and renamed), OUT/tensorboard and offline wandb, OUT/logs/train_events.jsonl.
 ``--resume`` continues from the newest checkpoint.
@@ -56,6 +62,11 @@ class TrainConfig:
     hidden_dim: int = _f(256, "fused policy/value hidden size")
     compile: bool = _f(False, "torch.compile the learner's module (RLlib torch_compile_learner)")
     checkpoint_every: int = _f(10, "iterations between checkpoints (and one at the end)")
+    replay_capacity: int = _f(1_000_000, "world:// envs: transitions the shared replay holds (world-model tokens, "
+                                         "split over --replay-shards); 0 switches the replay off")
+    replay_shards: int = _f(1, "replay shard actors (an episode always lives in one)")
+    aux_batch_size: int = _f(64, "transitions drawn from the replay per gradient step for the language-matching "
+                                 "and contrastive losses (the PPO minibatch is used while the replay is empty)")
     resume: bool = _f(False, "continue from the newest checkpoint in --out")
     init_policy: str | None = _f(None, "start from this policy's weights: a `genie-sima bc --out` run (behaviour "
                                        "cloning from latent actions) or another train run / checkpoint")
@@ -141,7 +152,10 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, server_name: str | None):
+def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, server_name: str | None,
+                      replay=None):
+    """``replay``: the run's ``TrainReplay`` (world envs with the replay on): EnvRunners feed it finished
+    episodes (``ReplayFeed``), Learners draw their auxiliary-loss batches from it."""
     import gymnasium as gym
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
@@ -166,6 +180,14 @@ def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, ser
     else:
         register_env("genie-sima-babyai", babyai_env_creator)
         config = config.environment("genie-sima-babyai", env_config={"level": spec.target, "tokenizer": tokenizer_json})
+    learner_config = {"language_coeff": cfg.language_coeff, "contrastive_coeff": cfg.contrastive_coeff,
+                      "moco_queue_size": cfg.moco_queue_size, "freeze_vision_steps": cfg.freeze_vision_steps}
+    if replay is not None:
+        config = config.callbacks(replay.feed_callback())
+        if cfg.num_learners <= 1:
+            learner_config["aux_source"] = replay.aux_batches(spec.target, tokenizer_json, cfg.aux_batch_size, 16)
+        # else: the aux losses stay on the PPO minibatch. Replay rows pass through the module outside its
+        # DDP-wrapped forward, which multi-learner (DDP) runs have not been tested with.
     model_config = {"vision_dim": cfg.vision_dim, "hidden_dim": cfg.hidden_dim, "moco_queue_size": cfg.moco_queue_size}
     config = (config
               .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs,
@@ -174,10 +196,7 @@ def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, ser
                         num_epochs=cfg.num_epochs, lr=cfg.lr, gamma=cfg.gamma)
               .rl_module(rl_module_spec=RLModuleSpec(module_class=SimaRLModule, model_config=model_config))
               .learners(num_learners=cfg.num_learners, learner_class=SimaPPOLearner,
-                        learner_config_dict={"language_coeff": cfg.language_coeff,
-                                             "contrastive_coeff": cfg.contrastive_coeff,
-                                             "moco_queue_size": cfg.moco_queue_size,
-                                             "freeze_vision_steps": cfg.freeze_vision_steps})
+                        learner_config_dict=learner_config)
               # A dead EnvRunner is restarted (and finds the world server by name again); an env whose step
               # fails -- e.g. its world server died and Ray is restarting it -- is recreated, re-opens its
               # block on the (restarted) server, and RLlib discards the episodes it cut short.
@@ -192,14 +211,16 @@ def _flat_metrics(result: dict) -> dict:
     out = {}
     runners = result.get("env_runners", {})
     for k in ("episode_return_mean", "episode_len_mean", "num_env_steps_sampled", "num_env_steps_sampled_lifetime",
-              "num_episodes_lifetime"):
+              "num_episodes_lifetime", "replay_episodes_added", "replay_transitions_added",
+              "replay_episodes_incomplete", "replay_episodes_from_chunks"):
         if k in runners:
             out[f"env_runners/{k}"] = runners[k]
     for mid, m in result.get("learners", {}).items():
         if not isinstance(m, dict):
             continue
         for k in ("total_loss", "policy_loss", "vf_loss", "entropy", "language_matching_loss",
-                  "language_matching_accuracy", "contrastive_loss", "contrastive_accuracy", "moco_queue_fill"):
+                  "language_matching_accuracy", "contrastive_loss", "contrastive_accuracy", "moco_queue_fill",
+                  "aux_replay_samples", "aux_from_source", "replay_size"):
             if k in m:
                 out[f"learners/{mid}/{k}"] = m[k]
     return {k: float(v) for k, v in out.items() if isinstance(v, numbers.Real)}  # numpy scalars too
@@ -217,9 +238,15 @@ def train(cfg: TrainConfig, log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not cfg.env or not cfg.out:
         raise ConfigError("--env and --out are required")
-    for name in ("num_envs", "rollout_steps", "total_timesteps", "num_epochs", "checkpoint_every"):
+    for name in ("num_envs", "rollout_steps", "total_timesteps", "num_epochs", "checkpoint_every", "replay_shards"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.replay_capacity and cfg.replay_capacity < 2 * cfg.replay_shards:
+        raise ConfigError(f"--replay-capacity {cfg.replay_capacity}: expected 0 (off) or >= 2 rows per shard "
+                          f"({cfg.replay_shards} shards)")
+    if cfg.aux_batch_size < 2:
+        raise ConfigError(f"--aux-batch-size must be >= 2 (the contrastive losses need pairs), "
+                          f"got {cfg.aux_batch_size}")
     spec = parse_env(cfg.env)
     # Refuse bad worlds before anything is written or started: inside RLlib, an env that cannot be made
     # is recreated again and again (restart_failed_sub_environments), never refused.
@@ -234,7 +261,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
 
     started = ensure_ray(cfg.address)
-    server, server_name = None, None
+    server, server_name, replay = None, None, None
     try:
         if spec.kind == "world":
             tokenizer = InstructionTokenizer.from_texts(bundle.vocab.words[1:], max_len=16)
@@ -249,11 +276,13 @@ def train(cfg: TrainConfig, log=None) -> dict:
                                         threads=cfg.threads)
             info = ray.get(server.info.remote())
             log(f"train: world server {server_name} ({info['capacity']} envs, bundle {info['fingerprint']})")
+            if cfg.replay_capacity:
+                replay = _start_replay(cfg, out, bundle, info, resume_from=latest, log=log)
         else:
             tokenizer = InstructionTokenizer.from_texts(babyai_missions(spec.target), max_len=16)
         (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()))
         save_config(cfg, out / "config.json")
-        algo = build_algo_config(cfg, spec, tokenizer.to_json(), server_name).build_algo()
+        algo = build_algo_config(cfg, spec, tokenizer.to_json(), server_name, replay).build_algo()
         if latest is not None:
             algo.restore_from_path(str(latest))
             log(f"train: resumed from {latest}")
@@ -266,6 +295,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
         steps, it, t0, result, sampled_here, idle = 0, algo.iteration, time.perf_counter(), {}, 0, 0
         gauges = _train_gauges()
         ends = (0, 0)
+        replay_added = replay.stats()["transitions_added"] if replay is not None else 0  # restored ones too
         try:
             while steps < cfg.total_timesteps:
                 t_iter = time.perf_counter()
@@ -284,6 +314,12 @@ def train(cfg: TrainConfig, log=None) -> dict:
                                        "are not coming back (see the Ray worker logs)")
                 gauges["steps"].set(this_iter / max(1e-9, time.perf_counter() - t_iter))
                 st = _server_stats(server, log) if server is not None else None
+                if replay is not None:
+                    rs = replay.stats()
+                    added = rs["transitions_added"] - replay_added
+                    replay_added = rs["transitions_added"]
+                    metrics.update({"replay/size": float(rs["size"]), "replay/transitions_added": float(replay_added),
+                                    "replay/adds_per_s": added / max(1e-9, time.perf_counter() - t_iter)})
                 if st is not None:
                     if st["episodes_terminated"] < ends[0] or st["episodes_truncated"] < ends[1]:
                         ends = (0, 0)  # the server was restarted: its counters started again from zero
@@ -303,13 +339,15 @@ def train(cfg: TrainConfig, log=None) -> dict:
                 with open(events / "train_events.jsonl", "a") as fh:
                     fh.write(json.dumps({"iteration": it, "steps": steps, **metrics}) + "\n")
                 if it % cfg.checkpoint_every == 0 or steps >= cfg.total_timesteps:
-                    _checkpoint(algo, out, it)
+                    _checkpoint(algo, out, it, replay)
         finally:
             logger.close()
             algo.stop()
         return {"out": str(out), "iterations": it, "env_steps": steps, "metrics": _flat_metrics(result),
                 "checkpoint": str(latest_checkpoint(out))}
     finally:
+        if replay is not None:
+            replay.stop()
         if server is not None:
             ray.kill(server)
         if started:
@@ -375,13 +413,30 @@ def _train_gauges() -> dict:
                              "share of imagined episodes that ended by predicted termination (success)")}
 
 
-def _checkpoint(algo, out: Path, iteration: int) -> Path:
-    """RLlib writes a directory; it appears under its final name only once complete."""
+def _start_replay(cfg: TrainConfig, out: Path, bundle, server_info: dict, resume_from: Path | None, log):
+    """The run's shared replay (world-model tokens of every finished episode); restored on --resume."""
+    from genie_world.build import num_patches
+
+    from .train_replay import TrainReplay
+
+    replay = TrainReplay(out.name, out, cfg.replay_capacity, cfg.replay_shards, num_patches(bundle.config),
+                         int(server_info["num_actions"]), seed=cfg.seed, fresh=resume_from is None)
+    restored = replay.restore(resume_from) if resume_from is not None else None
+    log(f"train: replay {replay.config.name} ({replay.config.capacity} transitions in {cfg.replay_shards} shards)"
+        + (f", restored {restored['size']} transitions from {resume_from.name}" if restored else ""))
+    return replay
+
+
+def _checkpoint(algo, out: Path, iteration: int, replay=None) -> Path:
+    """RLlib writes a directory (with the replay's checkpoint in ``replay/``); it appears under its final name
+    only once complete."""
     final = out / "checkpoints" / f"iter_{iteration:06d}"
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     algo.save_to_path(str(tmp))
+    if replay is not None:
+        replay.save(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -4,9 +4,12 @@ Use with ``config.learners(learner_class=SimaPPOLearner, learner_config_dict={..
 ``learner_config_dict`` are ``LEARNER_DEFAULTS`` (unknown keys are an error, to catch typos).
 
 Per gradient step (one minibatch):
-1. ``SimaRLModule._forward_train`` computes the policy outputs and the auxiliary projections.
-2. ``compute_loss_for_module``: PPO's loss (RLlib's, unchanged) + the weighted auxiliary terms, each
-   restricted to ``Columns.LOSS_MASK`` rows; every term is logged under the module id.
+0. ``_update`` (before the forward): with an ``aux_source`` (the shared replay, see LEARNER_DEFAULTS), draw
+   this step's auxiliary rows from it; if it has any, the forward skips the minibatch's aux projections.
+1. ``SimaRLModule._forward_train`` computes the policy outputs and (unless skipped) the aux projections.
+2. ``compute_loss_for_module``: PPO's loss (RLlib's, unchanged) + the weighted auxiliary terms, computed on
+   the drawn rows, or else on the minibatch restricted to ``Columns.LOSS_MASK`` rows; every term is logged
+   under the module id, with ``aux_from_source``, ``aux_replay_samples`` (lifetime) and ``replay_size``.
 3. ``compute_gradients``: during the first ``freeze_vision_steps`` steps the vision encoder's gradients
    are dropped (its weights and Adam moments stay untouched).
 4. ``apply_gradients``: the optimizer step, then the momentum (EMA) update of the key encoder and the
@@ -22,7 +25,7 @@ import torch
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core.columns import Columns
 
-from .aux_losses import contrastive_loss, language_matching_loss
+from .aux_losses import contrastive_loss, language_matching_loss, random_shift
 from .rl_module import SimaRLModule
 
 LEARNER_DEFAULTS: dict[str, Any] = {
@@ -33,6 +36,10 @@ LEARNER_DEFAULTS: dict[str, Any] = {
     "moco_momentum": 0.99,  # key encoder EMA per gradient step
     "moco_queue_size": None,  # None: the module's model_config moco_queue_size; int: re-size the queue
     "freeze_vision_steps": 0,  # no vision-encoder updates for the first N gradient steps
+    # None: the auxiliary losses use the PPO minibatch. Else an object whose ``sample()`` returns
+    # {"image": uint8 [B, H, W, 3], "mission": int [B, L]} (e.g. pipelines.replay_aux_batches, drawing from
+    # the shared replay) or None when it has nothing yet (then the PPO minibatch again).
+    "aux_source": None,
 }
 
 # Metric names logged under (module_id, name).
@@ -42,6 +49,9 @@ CLIP_TEMPERATURE_KEY = "clip_temperature"
 CONTRASTIVE_LOSS_KEY = "contrastive_loss"
 CONTRASTIVE_ACC_KEY = "contrastive_accuracy"
 QUEUE_FILL_KEY = "moco_queue_fill"
+AUX_REPLAY_SAMPLES_KEY = "aux_replay_samples"  # lifetime count of aux rows drawn from aux_source
+AUX_FROM_SOURCE_KEY = "aux_from_source"  # 1.0 when this step's aux losses used aux_source, else 0.0
+REPLAY_SIZE_KEY = "replay_size"  # transitions the aux source's replay held at its last reply
 VISION_FROZEN_KEY = "vision_frozen"
 GRADIENT_STEPS_KEY = "sima_gradient_steps"
 
@@ -62,6 +72,8 @@ def resolve_learner_config(learner_config_dict: dict | None) -> dict[str, Any]:
         raise ValueError(f"SimaPPOLearner: clip_temperature={cfg['clip_temperature']} must be > 0 (or None: learned)")
     if float(cfg["moco_temperature"]) <= 0:
         raise ValueError(f"SimaPPOLearner: moco_temperature={cfg['moco_temperature']} must be > 0")
+    if cfg["aux_source"] is not None and not callable(getattr(cfg["aux_source"], "sample", None)):
+        raise ValueError(f"SimaPPOLearner: aux_source={cfg['aux_source']!r} has no sample() method")
     return cfg
 
 
@@ -98,6 +110,25 @@ class SimaPPOLearner(PPOTorchLearner):
     def _vision_frozen(self, module: SimaRLModule) -> bool:
         return int(module.num_updates) < int(self.sima_config["freeze_vision_steps"])
 
+    # ---- one minibatch ------------------------------------------------------------------------------------
+    def _update(self, batch):
+        # The aux rows are drawn BEFORE the forward: when aux_source has rows, the module's forward_train skips
+        # its own auxiliary projections of the PPO minibatch (they would be computed and thrown away).
+        self._drawn: dict[str, dict[str, torch.Tensor]] = {}
+        self._wanted: dict[str, dict[str, bool]] = {}
+        try:
+            for module_id, module in self._sima_modules():
+                self._wanted[module_id] = terms = module.aux_terms
+                drawn = self._aux_rows(module) if any(terms.values()) else None
+                if drawn is not None:
+                    self._drawn[module_id] = drawn
+                    module.aux_terms = {k: False for k in terms}
+            return super()._update(batch)
+        finally:
+            for module_id, module in self._sima_modules():
+                module.aux_terms = self._wanted.get(module_id, module.aux_terms)
+            self._drawn, self._wanted = {}, {}  # per minibatch: nothing carries over to a direct loss call
+
     # ---- loss ---------------------------------------------------------------------------------------------
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         total = super().compute_loss_for_module(module_id=module_id, config=config, batch=batch, fwd_out=fwd_out)
@@ -105,27 +136,64 @@ class SimaPPOLearner(PPOTorchLearner):
         if not isinstance(module, SimaRLModule):
             return total
         cfg = self.sima_config
-        mask = batch.get(Columns.LOSS_MASK)  # bool [B] or None
+        terms = getattr(self, "_wanted", {}).get(module_id, module.aux_terms)
         logs: dict[str, Any] = {VISION_FROZEN_KEY: float(self._vision_frozen(module)),
                                 GRADIENT_STEPS_KEY: int(module.num_updates)}
-        if module.aux_terms["language"]:
+        # The auxiliary terms' rows: from aux_source (no mask: every row is a real transition) or, while it has
+        # nothing, the PPO minibatch's own forward outputs under Columns.LOSS_MASK.
+        drawn = getattr(self, "_drawn", {}).get(module_id)
+        if drawn is not None:
+            aux_out, mission, mask = self._aux_forward(module, drawn, terms), drawn["mission"], None
+        else:
+            aux_out, mission, mask = fwd_out, batch[Columns.OBS]["mission"], batch.get(Columns.LOSS_MASK)
+        source = cfg["aux_source"]
+        if source is not None:
+            logs.update({AUX_FROM_SOURCE_KEY: float(drawn is not None),
+                         REPLAY_SIZE_KEY: int(getattr(source, "replay_size", 0))})
+            self.metrics.log_value((module_id, AUX_REPLAY_SAMPLES_KEY), 0 if drawn is None else len(mission),
+                                   reduce="lifetime_sum")
+        if terms["language"]:
             scale = module.aux.logit_scale(cfg["clip_temperature"])
-            lang, acc = language_matching_loss(fwd_out[SimaRLModule.CLIP_IMAGE], fwd_out[SimaRLModule.CLIP_TEXT],
-                                               batch[Columns.OBS]["mission"], scale, mask)
+            lang, acc = language_matching_loss(aux_out[SimaRLModule.CLIP_IMAGE], aux_out[SimaRLModule.CLIP_TEXT],
+                                               mission, scale, mask)
             total = total + float(cfg["language_coeff"]) * lang
             logs.update({LANGUAGE_LOSS_KEY: lang.detach(), LANGUAGE_ACC_KEY: acc,
                          CLIP_TEMPERATURE_KEY: 1.0 / float(torch.as_tensor(scale).detach())})
-        if module.aux_terms["contrastive"]:
+        if terms["contrastive"]:
             queue = module.aux.queue
-            con, acc = contrastive_loss(fwd_out[SimaRLModule.MOCO_QUERY], fwd_out[SimaRLModule.MOCO_KEY],
+            con, acc = contrastive_loss(aux_out[SimaRLModule.MOCO_QUERY], aux_out[SimaRLModule.MOCO_KEY],
                                         queue.negatives(), float(cfg["moco_temperature"]), mask)
             total = total + float(cfg["contrastive_coeff"]) * con
-            keys = fwd_out[SimaRLModule.MOCO_KEY]
+            keys = aux_out[SimaRLModule.MOCO_KEY]
             self._pending_keys[module_id] = (keys if mask is None else keys[mask.bool()]).detach()
             logs.update({CONTRASTIVE_LOSS_KEY: con.detach(), CONTRASTIVE_ACC_KEY: acc,
                          QUEUE_FILL_KEY: int(queue.filled) / max(1, queue.size)})
         self.metrics.log_dict(logs, key=module_id, window=1)
         return total
+
+    def _aux_rows(self, module: SimaRLModule) -> dict[str, torch.Tensor] | None:
+        """A batch from aux_source as tensors on the module's device, or None (no source, or it is empty)."""
+        source = self.sima_config["aux_source"]
+        drawn = None if source is None else source.sample()
+        if drawn is None:
+            return None
+        device = module.num_updates.device
+        return {"image": torch.as_tensor(drawn["image"], device=device),  # uint8 [B, H, W, 3]
+                "mission": torch.as_tensor(drawn["mission"], dtype=torch.long, device=device)}  # [B, L]
+
+    @staticmethod
+    def _aux_forward(module: SimaRLModule, drawn: dict[str, torch.Tensor], terms: dict[str, bool]
+                     ) -> dict[str, torch.Tensor]:
+        """The auxiliary projections of ``SimaRLModule._forward_train``, for rows that are not in the PPO batch."""
+        images, out = drawn["image"], {}
+        if terms["language"]:
+            out[SimaRLModule.CLIP_IMAGE] = module.aux.clip_image(module.encode_vision(images))  # [B, P]
+            out[SimaRLModule.CLIP_TEXT] = module.aux.clip_text(module.encode_language(drawn["mission"]))  # [B, P]
+        if terms["contrastive"]:
+            pad = int(module.cfg["augment_pad"])
+            out[SimaRLModule.MOCO_QUERY] = module.aux.moco_query(module.encode_vision(random_shift(images, pad)))
+            out[SimaRLModule.MOCO_KEY] = module.aux.keys(random_shift(images, pad))
+        return out
 
     # ---- gradient step ------------------------------------------------------------------------------------
     def compute_gradients(self, loss_per_module, **kwargs):
@@ -143,7 +211,8 @@ class SimaPPOLearner(PPOTorchLearner):
         for module_id, module in self._sima_modules():
             module.num_updates.add_(1)
             keys = self._pending_keys.pop(module_id, None)
-            if hasattr(module, "aux") and module.aux_terms["contrastive"]:
+            terms = getattr(self, "_wanted", {}).get(module_id, module.aux_terms)  # not the forward's switch
+            if hasattr(module, "aux") and terms["contrastive"]:
                 module.aux.momentum_update_(module.vision, momentum)
                 if keys is not None:
                     module.aux.queue.enqueue(keys)

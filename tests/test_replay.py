@@ -298,6 +298,24 @@ def test_checkpoint_restore_is_exact_and_counts_lost_transitions(tmp_path):
         ReplayStorage(65, TransitionSchema(P)).load_state(s.state_arrays())
 
 
+def test_checkpoint_of_a_little_used_buffer_holds_only_its_rows(tmp_path):
+    s = ReplayStorage(100_000, TransitionSchema(P), seed=1)
+    s.add(episodes([1, 2], 5))  # 10 transitions + 2 final-observation rows
+    path = tmp_path / "shard_00.npz"
+    nbytes = save_arrays(path, s.state_arrays())
+    assert nbytes < 20_000, nbytes  # the full ring would be ~3 MB
+    saved = snapshot(s)
+    s.add(episodes([3], 9, seed=2))  # rows 12..21 written after the checkpoint ...
+    s.load_state(load_arrays(path))  # ... are zero again after going back to it
+    assert_same(snapshot(s), saved)
+    fresh = ReplayStorage(100_000, TransitionSchema(P), seed=5)
+    fresh.load_state(load_arrays(path))
+    assert_same(snapshot(fresh), saved)
+    bad = dict(load_arrays(path), col_reward=np.zeros(11, np.float32))
+    with pytest.raises(ValueError, match=r"column 'reward': expected float32 \[12\]"):
+        fresh.load_state(bad)
+
+
 # --- the sharded client over real shard actors --------------------------------------------------
 @pytest.fixture
 def replay(ray_local, tmp_path):

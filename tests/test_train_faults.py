@@ -1,6 +1,7 @@
 """Faults during `genie-sima train` in imagination, with the real parts: the world server actor is killed
 mid-training (Ray restarts it, the envs re-open their blocks on it, training reaches its budget), and an
-EnvRunner actor is killed mid-training (RLlib restarts it; it finds the world server by name again)."""
+EnvRunner actor is killed mid-training (RLlib restarts it; it finds the world server by name again). After
+either, the shared replay holds only whole episodes, each once."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import time
 
 import pytest
 
+from pipelines.replay.saved_contents import saved_transitions
 from pipelines.train_policy import TrainConfig, train
+from tests.test_train_replay import check_whole_episodes
 
 pytestmark = pytest.mark.slow
 
 SMALL = dict(num_envs=4, rollout_steps=16, minibatch_size=32, num_epochs=1, vision_dim=32, hidden_dim=64,
-             moco_queue_size=64, checkpoint_every=100, wandb="disabled", threads=1)
+             moco_queue_size=64, checkpoint_every=100, wandb="disabled", threads=1, replay_capacity=8192,
+             aux_batch_size=16)
 
 
 def _pid(handle, timeout=120.0) -> int:
@@ -93,6 +97,13 @@ def test_world_server_killed_mid_training_is_restarted_and_training_continues(ra
     assert [e["iteration"] for e in its] == list(range(1, len(its) + 1)) and len(its) >= 4
     steps = [e["steps"] for e in its]
     assert steps == sorted(steps) and steps[-1] >= 4 * 64
+    # The episodes the kill cut short never reached the replay: every episode in it is whole and there once,
+    # and it holds exactly the episodes RLlib counts as finished.
+    rows = saved_transitions(out / "checkpoints" / f"iter_{its[-1]['iteration']:06d}" / "replay")
+    ids = check_whole_episodes(rows)
+    assert len(ids) == int(result["metrics"]["env_runners/num_episodes_lifetime"]) > 0
+    assert result["metrics"].get("env_runners/replay_episodes_incomplete", 0) == 0
+    assert len(rows["step"]) == int(result["metrics"]["env_runners/replay_transitions_added"])
 
 
 def test_env_runner_killed_mid_training_is_restarted_and_finds_the_server(random_bundle, tmp_path, ray_local):
@@ -146,3 +157,8 @@ def test_env_runner_killed_mid_training_is_restarted_and_finds_the_server(random
     assert its[-1]["steps"] >= 5 * 64
     # The restarted runner (a new actor) sampled from the world server again: env steps kept growing.
     assert len({e["steps"] for e in its}) >= 4
+    # Episodes of the killed runner that had not finished are not in the replay; the restarted runner's
+    # episode ids are new (runner identity is part of the id), so none is duplicated or half-written.
+    rows = saved_transitions(out / "checkpoints" / f"iter_{its[-1]['iteration']:06d}" / "replay")
+    ids = check_whole_episodes(rows)
+    assert len(ids) > 0 and len(rows["step"]) == int(result["metrics"]["env_runners/replay_transitions_added"])

@@ -13,7 +13,7 @@ from pipelines.train_policy import TrainConfig, parse_env, train
 pytestmark = pytest.mark.slow
 
 SMALL = dict(num_envs=4, rollout_steps=16, minibatch_size=32, num_epochs=1, vision_dim=32, hidden_dim=64,
-             moco_queue_size=64, checkpoint_every=1, wandb="offline", threads=1)
+             moco_queue_size=64, checkpoint_every=1, wandb="offline", threads=1, replay_capacity=4096)
 
 
 def test_two_ppo_iterations_against_a_world_model_server_then_resume(random_bundle, tmp_path, ray_local):

@@ -10,6 +10,8 @@
     config.py          ReplayConfig
     shard.py           ReplayShard: the Ray actor (metrics, checkpoint, restore on restart)
     sharded_replay.py  ShardedReplay: the client over N shard actors
+    mission_table.py   MissionTable: the actor mapping mission text <-> the int32 mission_id rows carry
+    saved_contents.py  saved_transitions: the transitions a checkpoint holds, read from its files
 """
 
 from .config import NAMESPACE, ReplayConfig

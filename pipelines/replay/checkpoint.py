@@ -1,8 +1,8 @@
 """Replay state on disk: one uncompressed .npz per shard, written atomically, plus a tiny add journal.
 
-Checkpoint file ``shard_KK.npz``: every ring column, the priority leaves (inner sums are recomputed
-on load, bit for bit), the episode high-water table and a JSON ``meta`` entry (ring position, counters,
-rng state, schema). Written to a sibling temp file, fsynced, renamed over the old one and the
+Checkpoint file ``shard_KK.npz``: every ring column and the priority leaves, only the rows ever written
+(inner sums are recomputed on load, bit for bit), the episode high-water table and a JSON ``meta`` entry
+(ring position, counters, rng state, schema). Written to a sibling temp file, fsynced, renamed over the old one and the
 directory fsynced (genie_world.atomic_files), so a crash mid-write leaves the previous checkpoint.
 npz rather than HDF5/safetensors: numpy only, no pickle (loaded with allow_pickle=False), and
 uncompressed so a 250k-row shard (~40 MB) saves in well under a second.

@@ -270,8 +270,11 @@ class ReplayStorage:
                 "max_priority": self.max_priority, "counters": self.counters,
                 "max_episodes": self.episodes.max_episodes, "rng": self.rng.bit_generator.state,
                 "saved_at": time.time()}
-        arrays = {f"col_{f}": a for f, a in self.cols.items()}
-        arrays.update(leaves=self.tree.leaves, episode_ids=ids, episode_last_steps=last,
+        # Only the rows ever written: the ring fills from row 0, so rows >= rows_written are still zeros and a
+        # checkpoint of a big, little-used buffer costs what it holds, not its capacity.
+        used = min(self.rows_written, self.capacity)
+        arrays = {f"col_{f}": a[:used] for f, a in self.cols.items()}
+        arrays.update(leaves=self.tree.leaves[:used], episode_ids=ids, episode_last_steps=last,
                       meta=np.array(json.dumps(meta)))
         return arrays
 
@@ -291,19 +294,22 @@ class ReplayStorage:
         for key, mine in (("capacity", self.capacity), ("schema", self.schema.to_dict()), ("alpha", self.alpha)):
             if meta[key] != mine:
                 raise ValueError(f"replay state: {key} {meta[key]!r} differs from this buffer's {mine!r}")
+        used = min(int(meta["rows_written"]), self.capacity)  # rows the checkpoint holds (see state_arrays)
         for f, a in self.cols.items():
             saved = arrays.get(f"col_{f}")
-            if saved is None or saved.shape != a.shape or saved.dtype != a.dtype:
+            want = (used,) + a.shape[1:]
+            if saved is None or saved.shape != want or saved.dtype != a.dtype:
                 got = None if saved is None else f"{saved.dtype} {list(saved.shape)}"
-                raise ValueError(f"replay state: column {f!r}: expected {a.dtype} {list(a.shape)}, got {got}")
+                raise ValueError(f"replay state: column {f!r}: expected {a.dtype} {list(want)}, got {got}")
         leaves = arrays.get("leaves")
-        if leaves is None or leaves.shape != (self.capacity,):
-            raise ValueError("replay state: priority leaves missing or of the wrong shape")
+        if leaves is None or leaves.shape != (used,):
+            raise ValueError(f"replay state: priority leaves missing or not of shape [{used}]")
         before = self.counters["transitions_added"] if known_added is None else int(known_added)
         for f, a in self.cols.items():
-            np.copyto(a, arrays[f"col_{f}"])
+            a[:used] = arrays[f"col_{f}"]
+            a[used:] = 0  # never written when the checkpoint was taken
         self.tree.levels[0][:] = 0.0
-        self.tree.levels[0][: self.capacity] = leaves
+        self.tree.levels[0][:used] = leaves
         self.tree.rebuild()
         self.episodes.load_arrays(arrays["episode_ids"], arrays["episode_last_steps"])
         self.rows_written, self.size = int(meta["rows_written"]), int(meta["size"])

@@ -190,6 +190,11 @@ class ShardedReplay:
         return total
 
     # --- whole-buffer operations ------------------------------------------------------------
+    @property
+    def known_size(self) -> int:
+        """Transitions held, as of the shards' last replies (costs no call; may lag other writers)."""
+        return int(self._sizes.sum())
+
     def stats(self) -> dict:
         shards = self._call_all("stats")
         for k, st in enumerate(shards):
