@@ -41,6 +41,25 @@ class RunLogger:
 
             self.wandb.log({k: wandb.Image(img) for k, img in images.items()}, step=step)
 
+    def gif(self, step: int, tag: str, path) -> None:
+        """An animated GIF file (a rollout video): TensorBoard shows it as an image that plays, wandb as a video.
+
+        ``SummaryWriter.add_video`` would write the same image summary but needs moviepy to encode the GIF
+        (not installed); the file is already a GIF, so its bytes go into the summary as they are."""
+        from PIL import Image
+        from torch.utils.tensorboard.summary import Summary
+
+        data = Path(path).read_bytes()
+        with Image.open(path) as im:
+            width, height = im.size
+        image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=data)
+        self.tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        self.tb.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Video(str(path), format="gif")}, step=step)
+
     def close(self) -> None:
         self.tb.close()
         if self.wandb is not None:

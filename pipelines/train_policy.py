@@ -4,9 +4,10 @@ imagined world served by a WorldModelServer, or in the real BabyAI game (the bas
     --env "world://RUN?prompt=go to the red ball&num_levels=256&max_episode_steps=64"
     --env babyai:BabyAI-GoToLocal-v0
 
-World envs: this driver starts one named WorldModelServer per run (GPU if one is there); every
-EnvRunner's vector env finds it by name, so a restarted EnvRunner reconnects to the same server. Each
-EnvRunner's ``step`` is one call to the server for all its envs.
+World envs: the algorithm (``WorldPPO``, pipelines/world_ppo.py) starts one named WorldModelServer per run
+(GPU if one is there) before it builds its EnvRunners, hands its name to their envs, and kills it on
+``algo.stop()``; a restarted EnvRunner finds the same server by name. Each EnvRunner's ``step`` is one call to
+the server for all its envs.
 
 World envs also get a shared replay (``--replay-capacity``, default 1e6 transitions; 0: off): every
 finished episode's world-model tokens, actions, rewards, flags, mission ids and episode id go in, in one add
@@ -15,7 +16,9 @@ batches from it (pipelines/replay_aux_batches.py). It is checkpointed with each 
 (``iter_NNNNNN/replay``) and restored by ``--resume`` (pipelines/train_replay.py).
 
 Writes OUT/config.json (resolved), OUT/tokenizer.json, OUT/checkpoints/iter_NNNNNN (RLlib checkpoints,
-written to a temp dir and renamed), OUT/tensorboard and offline wandb, OUT/logs/train_events.jsonl.
+written to a temp dir and renamed), OUT/tensorboard and offline wandb, OUT/logs/train_events.jsonl, and for world
+envs OUT/videos/rollout_iter_NNNNNN.gif (``--video-every``; also in TensorBoard's Images tab and wandb as
+``rollout/imagined``; pipelines/train_videos.py).
 ``--resume`` continues from the newest checkpoint.
 """
 
@@ -67,6 +70,9 @@ class TrainConfig:
     replay_shards: int = _f(1, "replay shard actors (an episode always lives in one)")
     aux_batch_size: int = _f(64, "transitions drawn from the replay per gradient step for the language-matching "
                                  "and contrastive losses (the PPO minibatch is used while the replay is empty)")
+    video_every: int = _f(10, "world:// envs: every N iterations (and at the last one), a rollout video of the greedy "
+                              "policy in imagination to TensorBoard, wandb and OUT/videos; 0: off")
+    video_steps: int = _f(32, "env steps per rollout video (one env)")
     resume: bool = _f(False, "continue from the newest checkpoint in --out")
     init_policy: str | None = _f(None, "start from this policy's weights: a `genie-sima bc --out` run (behaviour "
                                        "cloning from latent actions) or another train run / checkpoint")
@@ -109,6 +115,9 @@ def check_world_inputs(spec: EnvSpec):
     from genie_world.levels import load_levels
 
     bundle = load_bundle(spec.target, parts=("tokenizer",))
+    if bundle.adapter is None:  # the world server's World (and the replay's action count) use real actions
+        raise ConfigError(f"--env {spec.target}: world bundle has no action_adapter.json; train acts with real "
+                          "actions (pretrain with an action adapter)")
     p = spec.params
     for what in ("prompt", "mission"):
         if what in p:
@@ -152,12 +161,22 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, server_name: str | None,
-                      replay=None):
-    """``replay``: the run's ``TrainReplay`` (world envs with the replay on): EnvRunners feed it finished
+def world_server_spec(cfg: TrainConfig, spec: EnvSpec, run: str) -> dict:
+    """What ``WorldPPO`` starts for a world:// run: one server named after the run (tests and tools find it by
+    ``genie-sima-train-RUN``), sized for every env of every EnvRunner, on the GPU when there is one."""
+    import torch
+
+    capacity = int(spec.params.get("capacity", cfg.num_envs * max(1, cfg.num_env_runners)))
+    return {"name": f"genie-sima-train-{run}", "bundle": spec.target, "num_gpus": 1 if torch.cuda.is_available() else 0,
+            "num_cpus": 0.5, "capacity": capacity, "max_batch": capacity,
+            "max_episode_steps": int(spec.params.get("max_episode_steps", 64)), "threads": cfg.threads}
+
+
+def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, server: dict | None, replay=None):
+    """``server``: ``world_server_spec(...)`` for world envs (the algorithm starts it and hands it to the envs).
+    ``replay``: the run's ``TrainReplay`` (world envs with the replay on): EnvRunners feed it finished
     episodes (``ReplayFeed``), Learners draw their auxiliary-loss batches from it."""
     import gymnasium as gym
-    from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
     from ray.tune.registry import register_env
 
@@ -168,11 +187,14 @@ def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, ser
 
     runners = max(1, cfg.num_env_runners)
     batch = cfg.num_envs * cfg.rollout_steps * runners
-    config = PPOConfig()
+    from .world_ppo import WorldPPOConfig
+
+    config = WorldPPOConfig()
     if spec.kind == "world":
         register_env("genie-sima-world", world_vector_env_creator)
+        config = config.world_server(**server)
         p = spec.params
-        env_config = {"tokenizer": tokenizer_json, "server": server_name, "seed": cfg.seed,
+        env_config = {"tokenizer": tokenizer_json, "seed": cfg.seed,
                       "num_levels": int(p.get("num_levels", 256)), "max_len": 16}
         env_config.update({k: p[k] for k in ("prompt", "level_file", "mission") if k in p})
         config = config.environment("genie-sima-world", env_config=env_config).env_runners(
@@ -244,6 +266,9 @@ def train(cfg: TrainConfig, log=None) -> dict:
     if cfg.replay_capacity and cfg.replay_capacity < 2 * cfg.replay_shards:
         raise ConfigError(f"--replay-capacity {cfg.replay_capacity}: expected 0 (off) or >= 2 rows per shard "
                           f"({cfg.replay_shards} shards)")
+    if cfg.video_every < 0 or cfg.video_steps < 1:
+        raise ConfigError(f"--video-every must be >= 0 (0: off) and --video-steps >= 1, got {cfg.video_every} "
+                          f"and {cfg.video_steps}")
     if cfg.aux_batch_size < 2:
         raise ConfigError(f"--aux-batch-size must be >= 2 (the contrastive losses need pairs), "
                           f"got {cfg.aux_batch_size}")
@@ -261,35 +286,38 @@ def train(cfg: TrainConfig, log=None) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
 
     started = ensure_ray(cfg.address)
-    server, server_name, replay = None, None, None
+    server_spec, replay, video = None, None, None
     try:
         if spec.kind == "world":
             tokenizer = InstructionTokenizer.from_texts(bundle.vocab.words[1:], max_len=16)
-            from genie_world.world_server import start_world_server
-
-            server_name = f"genie-sima-train-{out.name}"
-            capacity = int(spec.params.get("capacity", cfg.num_envs * max(1, cfg.num_env_runners)))
-            gpu = torch.cuda.is_available()
-            server = start_world_server(spec.target, name=server_name, num_gpus=1 if gpu else 0,
-                                        num_cpus=0.5, capacity=capacity, max_batch=capacity,
-                                        max_episode_steps=int(spec.params.get("max_episode_steps", 64)),
-                                        threads=cfg.threads)
-            info = ray.get(server.info.remote())
-            log(f"train: world server {server_name} ({info['capacity']} envs, bundle {info['fingerprint']})")
+            server_spec = world_server_spec(cfg, spec, out.name)
             if cfg.replay_capacity:
-                replay = _start_replay(cfg, out, bundle, info, resume_from=latest, log=log)
+                replay = _start_replay(cfg, out, bundle, resume_from=latest, log=log)
         else:
             tokenizer = InstructionTokenizer.from_texts(babyai_missions(spec.target), max_len=16)
         (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()))
         save_config(cfg, out / "config.json")
-        algo = build_algo_config(cfg, spec, tokenizer.to_json(), server_name, replay).build_algo()
-        if latest is not None:
-            algo.restore_from_path(str(latest))
-            log(f"train: resumed from {latest}")
-        elif cfg.init_policy:
-            init_from_policy(algo, cfg.init_policy, tokenizer.to_json())
-            log(f"train: starting from the weights of {cfg.init_policy}")
-        logger = RunLogger(out, "train", {"env": cfg.env, **{k: v for k, v in vars(cfg).items()}}, cfg.wandb)
+        # Made before the algorithm: a bad level file or bundle fails here, with no algorithm to stop yet.
+        if spec.kind == "world" and cfg.video_every:
+            from .train_videos import ImaginedRollout
+
+            video = ImaginedRollout(spec.target, spec.params, tokenizer.to_json(), cfg.video_steps, cfg.seed)
+        algo = build_algo_config(cfg, spec, tokenizer.to_json(), server_spec, replay).build_algo()
+        server = algo.world_server  # started and owned by the algorithm; None for the real game
+        if server is not None:
+            info = algo.world_server_info
+            log(f"train: world server {info['name']} ({info['capacity']} envs, bundle {info['fingerprint']})")
+        try:
+            if latest is not None:
+                algo.restore_from_path(str(latest))
+                log(f"train: resumed from {latest}")
+            elif cfg.init_policy:
+                init_from_policy(algo, cfg.init_policy, tokenizer.to_json())
+                log(f"train: starting from the weights of {cfg.init_policy}")
+            logger = RunLogger(out, "train", {"env": cfg.env, **{k: v for k, v in vars(cfg).items()}}, cfg.wandb)
+        except BaseException:
+            algo.stop()  # its world server goes with it (a driver joined to a cluster lives on)
+            raise
         events = out / "logs"
         events.mkdir(exist_ok=True)
         steps, it, t0, result, sampled_here, idle = 0, algo.iteration, time.perf_counter(), {}, 0, 0
@@ -338,18 +366,20 @@ def train(cfg: TrainConfig, log=None) -> dict:
                     + f" | {rate:.0f} steps/s | ETA {eta / 60:.1f} min")
                 with open(events / "train_events.jsonl", "a") as fh:
                     fh.write(json.dumps({"iteration": it, "steps": steps, **metrics}) + "\n")
+                if video is not None and (it % cfg.video_every == 0 or steps >= cfg.total_timesteps):
+                    _rollout_video(algo, video, logger, out, it, steps, log)
                 if it % cfg.checkpoint_every == 0 or steps >= cfg.total_timesteps:
                     _checkpoint(algo, out, it, replay)
         finally:
             logger.close()
+            if video is not None:
+                video.close()
             algo.stop()
         return {"out": str(out), "iterations": it, "env_steps": steps, "metrics": _flat_metrics(result),
                 "checkpoint": str(latest_checkpoint(out))}
     finally:
         if replay is not None:
             replay.stop()
-        if server is not None:
-            ray.kill(server)
         if started:
             ray.shutdown()
 
@@ -405,6 +435,22 @@ def _server_stats(server, log, timeout_s: float = 60.0) -> dict | None:
         return None
 
 
+def _rollout_video(algo, video, logger, out: Path, iteration: int, steps: int, log) -> None:
+    """The current policy (its EnvRunner copy, synced after every update) plays one imagined env greedily."""
+    from ray.exceptions import RayError
+
+    from .train_videos import log_video
+
+    try:
+        module = algo.get_module()  # the local EnvRunner's module, or a copy from remote EnvRunner 1
+    except (IndexError, RayError):  # remote EnvRunner 1 is down (IndexError: marked unhealthy) or dies mid-call
+        log(f"train: iteration {iteration}: no rollout video (the EnvRunner holding the policy is restarting)")
+        return
+    path = log_video(logger, steps, "rollout/imagined", video.record(module),
+                     out / "videos" / f"rollout_iter_{iteration:06d}.gif")
+    log(f"train: rollout video {path}")
+
+
 def _train_gauges() -> dict:
     from ray.util.metrics import Gauge
 
@@ -413,14 +459,16 @@ def _train_gauges() -> dict:
                              "share of imagined episodes that ended by predicted termination (success)")}
 
 
-def _start_replay(cfg: TrainConfig, out: Path, bundle, server_info: dict, resume_from: Path | None, log):
+def _start_replay(cfg: TrainConfig, out: Path, bundle, resume_from: Path | None, log):
     """The run's shared replay (world-model tokens of every finished episode); restored on --resume."""
     from genie_world.build import num_patches
 
     from .train_replay import TrainReplay
 
+    # The server is not started yet (the algorithm starts it): the action count comes from the bundle's adapter,
+    # exactly what the server's World reports.
     replay = TrainReplay(out.name, out, cfg.replay_capacity, cfg.replay_shards, num_patches(bundle.config),
-                         int(server_info["num_actions"]), seed=cfg.seed, fresh=resume_from is None)
+                         int(bundle.adapter.num_real), seed=cfg.seed, fresh=resume_from is None)
     restored = replay.restore(resume_from) if resume_from is not None else None
     log(f"train: replay {replay.config.name} ({replay.config.capacity} transitions in {cfg.replay_shards} shards)"
         + (f", restored {restored['size']} transitions from {resume_from.name}" if restored else ""))

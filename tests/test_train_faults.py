@@ -162,3 +162,5 @@ def test_env_runner_killed_mid_training_is_restarted_and_finds_the_server(random
     rows = saved_transitions(out / "checkpoints" / f"iter_{its[-1]['iteration']:06d}" / "replay")
     ids = check_whole_episodes(rows)
     assert len(ids) > 0 and len(rows["step"]) == int(result["metrics"]["env_runners/replay_transitions_added"])
+    # The last iteration's rollout video was played by the policy fetched from the restarted remote EnvRunner.
+    assert (out / "videos" / f"rollout_iter_{its[-1]['iteration']:06d}.gif").exists()

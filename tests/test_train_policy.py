@@ -30,6 +30,9 @@ def test_two_ppo_iterations_against_a_world_model_server_then_resume(random_bund
     assert (out / "tokenizer.json").exists() and list((out / "tensorboard" / "train").glob("events.*"))
     events = [json.loads(line) for line in (out / "logs" / "train_events.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in events] == [1, 2]
+    # The default --video-every (10) still logs the last iteration of a short run.
+    assert TrainConfig().video_every == 10 and sorted(p.name for p in (out / "videos").iterdir()) == [
+        "rollout_iter_000002.gif"]
     with pytest.raises(ConfigError, match="already has checkpoints"):
         train(TrainConfig(env=env, out=str(out), total_timesteps=192, **SMALL), log=lambda m: None)
     again = train(TrainConfig(env=env, out=str(out), total_timesteps=192, resume=True, **SMALL), log=lambda m: None)
@@ -62,3 +65,15 @@ def test_env_spec_refusals():
         parse_env("world://runs/x?promt=go")
     spec = parse_env("world://runs/x?prompt=go%20to%20the%20red%20ball&num_levels=8")
     assert spec.target == "runs/x" and spec.params == {"prompt": "go to the red ball", "num_levels": "8"}
+
+
+def test_a_world_bundle_without_action_adapter_is_refused_before_anything_starts(random_bundle, tmp_path):
+    import shutil
+
+    bundle = tmp_path / "no_adapter"
+    shutil.copytree(random_bundle, bundle)
+    (bundle / "action_adapter.json").unlink()
+    out = tmp_path / "agent"
+    with pytest.raises(ConfigError, match="has no action_adapter.json"):
+        train(TrainConfig(env=f"world://{bundle}?prompt=go to the red ball", out=str(out)), log=lambda m: None)
+    assert not out.exists()
