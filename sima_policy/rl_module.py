@@ -3,6 +3,13 @@
 Observations are a Dict ``{"image": uint8 [64, 64, 3], "mission": int64 token ids [L]}`` (tokenize the
 mission text with ``InstructionTokenizer`` in an env wrapper; RLlib cannot batch gymnasium ``Text``).
 
+    vision_arch "tile_ego" (``genie-sima bc``'s default; tile_film.py):
+    image   -> TileEncoder -> cells [B, C, G, G] -> egocentric view around the detected agent
+               -> FiLM(l) convs -> MLP -> h [B, hidden_dim] -> policy / value heads
+            -> v [B, vision_dim] (instruction-free pooled embedding: auxiliary losses)
+    mission -> LanguageEncoder -> l [B, language_dim]
+
+    vision_arch "conv" (the default; the first design):
     image   -> VisionEncoder   -> v [B, vision_dim]   --\
                                                          concat -> MLP -> h [B, hidden_dim] -> policy head
     mission -> LanguageEncoder -> l [B, language_dim] --/                                  -> value head
@@ -35,12 +42,20 @@ from torch import nn
 
 from .aux_losses import SimaAuxiliary, random_shift
 from .language_encoder import LanguageEncoder
+from .tile_film import EgocentricFiLMFusion, TileEncoder
 from .vision_encoder import VisionEncoder
+
+VISION_ARCHS = ("conv", "tile_ego")
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "vocab_size": None,  # token ids are in [0, vocab_size); default: mission space high + 1
-    "vision_dim": 128,  # VisionEncoder output
-    "conv_channels": (32, 64, 64),  # one stride-2 conv per entry (64 -> 32 -> 16 -> 8)
+    # "conv" (vision_encoder.py + concat fusion) or "tile_ego" (tile_film.py; `genie-sima bc`'s default)
+    "vision_arch": "conv",
+    "vision_dim": 128,  # instruction-free vision embedding (auxiliary losses; "conv": also the trunk input)
+    "conv_channels": (32, 64, 64),  # "conv": one stride-2 conv per entry (64 -> 32 -> 16 -> 8)
+    "tile_size": 8,  # "tile_ego": pixels per grid cell (BabyAI: 8 at 64x64)
+    "tile_channels": 64,  # "tile_ego": features per cell
+    "film_blocks": 2,  # "tile_ego": FiLM-conditioned 3x3 conv blocks over the egocentric grid
     "language_dim": 128,  # LanguageEncoder output
     "token_dim": 64,  # word embedding size
     "gru_dim": 128,  # GRU hidden size
@@ -91,12 +106,26 @@ class SimaRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         _check_spaces(self.observation_space, self.action_space)
         cfg = self.cfg = resolve_model_config(self.model_config)
         image_space, mission_space = self.observation_space["image"], self.observation_space["mission"]
-        vocab = cfg["vocab_size"] or int(np.max(mission_space.high)) + 1
-        self.vision = VisionEncoder(cfg["vision_dim"], tuple(cfg["conv_channels"]), image_space.shape[0])
-        self.language = LanguageEncoder(vocab, cfg["language_dim"], cfg["token_dim"], cfg["gru_dim"])
+        if cfg["vision_arch"] not in VISION_ARCHS:
+            raise ValueError(f"SimaRLModule model_config: vision_arch {cfg['vision_arch']!r} is not one of {VISION_ARCHS}")
+        self.vocab = cfg["vocab_size"] or int(np.max(mission_space.high)) + 1
+        self.image_size = image_space.shape[0]
+        self._build(cfg["vision_arch"])
+
+    def _build(self, arch: str) -> None:
+        """Every parameterised part; ``set_state`` calls it again to load a checkpoint of the other arch."""
+        cfg = self.cfg
+        self.arch = arch
         h = cfg["hidden_dim"]
-        self.trunk = nn.Sequential(nn.Linear(cfg["vision_dim"] + cfg["language_dim"], h), nn.SiLU(),
-                                   nn.Linear(h, h), nn.SiLU())
+        if arch == "tile_ego":
+            self.vision = TileEncoder(cfg["vision_dim"], cfg["tile_channels"], cfg["tile_size"], self.image_size)
+            self.trunk = EgocentricFiLMFusion(cfg["tile_channels"], cfg["language_dim"], h, self.vision.grid,
+                                              cfg["film_blocks"])
+        else:
+            self.vision = VisionEncoder(cfg["vision_dim"], tuple(cfg["conv_channels"]), self.image_size)
+            self.trunk = nn.Sequential(nn.Linear(cfg["vision_dim"] + cfg["language_dim"], h), nn.SiLU(),
+                                       nn.Linear(h, h), nn.SiLU())
+        self.language = LanguageEncoder(self.vocab, cfg["language_dim"], cfg["token_dim"], cfg["gru_dim"])
         self.is_box = isinstance(self.action_space, gym.spaces.Box)
         if self.is_box:
             act_dim = int(self.action_space.shape[0])
@@ -117,6 +146,17 @@ class SimaRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             self.aux = SimaAuxiliary(self.vision, cfg["vision_dim"], cfg["language_dim"], cfg["aux_proj_dim"],
                                      cfg["moco_queue_size"], cfg["clip_init_temperature"])
 
+    def set_state(self, state: dict) -> None:
+        """A checkpoint names its arch by its keys (``vision.conv.*``: conv, ``vision.stem.*``: tile_ego). A
+        module built as the other arch (a model_config without ``vision_arch``) is rebuilt to match before
+        loading, instead of RLlib's non-strict load silently skipping the mismatched layers."""
+        arch = ("conv" if any(k.startswith("vision.conv.") for k in state)
+                else "tile_ego" if any(k.startswith("vision.stem.") for k in state) else self.arch)
+        if arch != self.arch:
+            self.cfg = {**self.cfg, "vision_arch": arch}
+            self._build(arch)
+        super().set_state(state)
+
     # ---- InferenceOnlyAPI: EnvRunners neither build nor receive the auxiliary state ------------------------
     def get_non_inference_attributes(self) -> list[str]:
         return ["aux"]
@@ -129,7 +169,23 @@ class SimaRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         return self.language(tokens)  # [B, language_dim]
 
     def fuse(self, v: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
+        """"conv" only: the trunk reads the pooled vision embedding (tile_ego needs the cell grid: ``embed``)."""
+        if self.arch != "conv":
+            raise ValueError("SimaRLModule.fuse: vision_arch 'tile_ego' fuses the cell grid; use embed(obs)")
         return self.trunk(torch.cat([v, lang], dim=-1))  # [B, hidden_dim]
+
+    def embed(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """obs {"image", "mission"} -> (v [B, vision_dim], l [B, language_dim], h [B, hidden_dim])."""
+        lang = self.language(obs["mission"])
+        if self.arch == "conv":
+            v = self.vision(obs["image"])
+            return v, lang, self.fuse(v, lang)
+        images = obs["image"]
+        cells = self.vision.features(images)  # [N, C, G, G], N = prod(leading dims)
+        lead = images.shape[:-3]
+        v = self.vision.embed(cells).reshape(*lead, -1)  # [B, vision_dim]
+        h = self.trunk(cells, lang.reshape(-1, lang.shape[-1])).reshape(*lead, -1)  # [B, hidden_dim]
+        return v, lang, h
 
     def action_dist_inputs(self, h: torch.Tensor) -> torch.Tensor:
         out = self.pi(h)
@@ -142,19 +198,14 @@ class SimaRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
             out = torch.cat([out, log_std], dim=-1)  # [B, 2A]: TorchDiagGaussian.from_logits splits it
         return out
 
-    def _embed(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        v = self.vision(obs["image"])
-        lang = self.language(obs["mission"])
-        return v, lang, self.fuse(v, lang)
-
     # ---- RLModule forwards -------------------------------------------------------------------------------
     def _forward(self, batch: dict, **kwargs) -> dict:
-        _, _, h = self._embed(batch[Columns.OBS])
+        _, _, h = self.embed(batch[Columns.OBS])
         return {Columns.ACTION_DIST_INPUTS: self.action_dist_inputs(h)}
 
     def _forward_train(self, batch: dict, **kwargs) -> dict:
         obs = batch[Columns.OBS]
-        v, lang, h = self._embed(obs)
+        v, lang, h = self.embed(obs)
         out = {Columns.ACTION_DIST_INPUTS: self.action_dist_inputs(h), Columns.EMBEDDINGS: h,
                self.VISION_EMBEDDING: v, self.LANGUAGE_EMBEDDING: lang}
         # The auxiliary projections are computed here, inside forward_train, so a DDP-wrapped module
@@ -172,5 +223,5 @@ class SimaRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
     # ---- ValueFunctionAPI ---------------------------------------------------------------------------------
     def compute_values(self, batch: dict, embeddings: Any = None) -> torch.Tensor:
         if embeddings is None:
-            _, _, embeddings = self._embed(batch[Columns.OBS])
+            _, _, embeddings = self.embed(batch[Columns.OBS])
         return self.vf(embeddings).squeeze(-1)  # [B]

@@ -31,12 +31,16 @@ def data_bundle(babyai_mixed_data, tmp_path_factory):
     return write_random_bundle(tmp_path_factory.mktemp("bc_bundle") / "run", resolve_config("micro"), missions, 3)
 
 
+def _clone(data_bundle, data, out, **cfg):
+    result = behaviour_clone(BCConfig(bundle=str(data_bundle), data=str(data), out=str(out), steps=6, batch=16,
+                                      log_every=3, wandb="disabled", **SMALL_POLICY, **cfg), log=lambda m: None)
+    return out, result
+
+
 @pytest.fixture(scope="module")
 def cloned(data_bundle, babyai_mixed_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bc") / "bc"
-    result = behaviour_clone(BCConfig(bundle=str(data_bundle), data=str(babyai_mixed_data), out=str(out), steps=6,
-                                      batch=16, log_every=3, wandb="disabled", **SMALL_POLICY), log=lambda m: None)
-    return out, result
+    """The default clone: vision_arch tile_ego, symmetry augmentation on (BabyAI data)."""
+    return _clone(data_bundle, babyai_mixed_data, tmp_path_factory.mktemp("bc") / "bc")
 
 
 def test_labels_are_the_adapters_mapping_of_the_latent_actions(data_bundle, babyai_mixed_data):
@@ -68,7 +72,9 @@ def test_cloned_policy_is_an_rllib_module_trained_on_changed_transitions(cloned)
     assert m["train_transitions"] > 0 and m["train_transitions_unchanged_skipped"] > 0
     for key in ("label_vs_true_action_val", "policy_vs_label_val", "policy_vs_true_action_val"):
         assert 0.0 <= m[key] <= 1.0, key
+    assert 0.0 <= m["agent_cell_accuracy_val"] <= 1.0
     module = RLModule.from_checkpoint(str(out / "policy"))
+    assert module.arch == "tile_ego"
     obs = {"image": torch.zeros(2, 64, 64, 3, dtype=torch.uint8), "mission": torch.zeros(2, 16, dtype=torch.long)}
     logits = module.forward_inference({"obs": obs})["action_dist_inputs"]
     assert logits.shape == (2, 7)
@@ -94,6 +100,7 @@ def test_ppo_starts_from_exactly_the_cloned_weights(cloned, data_bundle, tmp_pat
     cloned_state = RLModule.from_checkpoint(str(out / "policy")).state_dict()
     shared = [k for k in cloned_state if not k.startswith("aux.") and k != "num_updates"]
     assert shared and all(torch.equal(started[k], cloned_state[k]) for k in shared)
+    assert RLModule.from_checkpoint(str(ckpt)).model_config["vision_arch"] == "tile_ego"  # the clone's design
     # The MoCo key encoder restarts as a copy of the loaded vision encoder.
     for k, v in started.items():
         if k.startswith("aux.key_vision."):

@@ -18,8 +18,8 @@ from sima_policy.rl_module import SimaRLModule
 MISSIONS = ["go to the red ball", "go to a red ball", "pick up the blue key", "open the yellow door",
             "put the green box next to the grey ball"]
 # A small network: the tests check mechanics, not capacity.
-SMALL = {"vision_dim": 32, "conv_channels": (8, 16, 16), "language_dim": 32, "token_dim": 16, "gru_dim": 32,
-         "hidden_dim": 64, "aux_proj_dim": 16, "moco_queue_size": 32}
+SMALL = {"vision_dim": 32, "conv_channels": (8, 16, 16), "tile_channels": 16, "language_dim": 32, "token_dim": 16,
+         "gru_dim": 32, "hidden_dim": 64, "aux_proj_dim": 16, "moco_queue_size": 32}
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +82,11 @@ def test_tokenizer_round_trip_unknown_words_and_length(tokenizer):
 
 
 # ---- RLModule -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["conv", "tile_ego"])
 @pytest.mark.parametrize("action_space", [gym.spaces.Discrete(7), gym.spaces.Box(-1.0, 1.0, (3,), np.float32)],
                          ids=["discrete", "box"])
-def test_rl_module_forward_dict_obs(tokenizer, action_space):
-    module = make_module(tokenizer, action_space)
+def test_rl_module_forward_dict_obs(tokenizer, action_space, arch):
+    module = make_module(tokenizer, action_space, vision_arch=arch)
     batch = {Columns.OBS: make_obs(tokenizer, 6)}
     width = action_space.n if isinstance(action_space, gym.spaces.Discrete) else 2 * action_space.shape[0]
 
@@ -119,7 +120,7 @@ def test_rl_module_forward_dict_obs(tokenizer, action_space):
     assert not any(n.startswith(("aux.key_", "aux.queue")) for n in param_names)
     assert "aux.key_vision.fc.weight" in state and "aux.queue.keys" in state and "num_updates" in state
     # EnvRunner copies drop the auxiliary part and load the learner's inference-only state exactly.
-    runner = make_module(tokenizer, action_space, inference_only=True)
+    runner = make_module(tokenizer, action_space, inference_only=True, vision_arch=arch)
     assert not hasattr(runner, "aux")
     runner.set_state(module.get_state(inference_only=True))
     assert torch.allclose(runner.forward_inference(batch)[Columns.ACTION_DIST_INPUTS],
