@@ -137,6 +137,8 @@ class ReplayFeed(RLlibCallback):
 
     def on_sample_end(self, *, env_runner=None, metrics_logger=None, samples=None, **kwargs):
         finished, self._finished = self._finished, []
+        if not finished:  # also: no episode has ended yet, so this runner has not connected to the replay
+            return
         # ONE add for all of them (each episode lands whole: it lives in one shard, each shard's part is atomic),
         # split only where a part could exceed a shard's ring.
         limit = max(1, self._replay.config.capacity_per_shard // 2)

@@ -211,6 +211,8 @@ def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, ser
         # else: the aux losses stay on the PPO minibatch. Replay rows pass through the module outside its
         # DDP-wrapped forward, which multi-learner (DDP) runs have not been tested with.
     model_config = {"vision_dim": cfg.vision_dim, "hidden_dim": cfg.hidden_dim, "moco_queue_size": cfg.moco_queue_size}
+    if cfg.init_policy:  # PPO continues the cloned network, so it is built with that network's design
+        model_config.update(policy_architecture(cfg.init_policy))
     config = (config
               .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs,
                            rollout_fragment_length=cfg.rollout_steps, num_cpus_per_env_runner=0.5)
@@ -382,6 +384,22 @@ def train(cfg: TrainConfig, log=None) -> dict:
             replay.stop()
         if started:
             ray.shutdown()
+
+
+# The SimaRLModule model_config keys that shape its weights (sima_policy/rl_module.py MODEL_DEFAULTS).
+ARCHITECTURE_KEYS = ("vision_arch", "vision_dim", "conv_channels", "tile_size", "tile_channels", "film_blocks",
+                     "language_dim", "token_dim", "gru_dim", "hidden_dim")
+
+
+def policy_architecture(policy: str) -> dict:
+    """The architecture part of a saved policy's model_config (e.g. `genie-sima bc`'s tile_ego design)."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    from .evaluate import resolve_policy
+
+    module_dir, _ = resolve_policy(policy)
+    saved = RLModule.from_checkpoint(str(module_dir)).model_config or {}
+    return {k: saved[k] for k in ARCHITECTURE_KEYS if k in saved}
 
 
 def init_from_policy(algo, policy: str, tokenizer_json: dict) -> None:
