@@ -41,7 +41,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, required: tuple[s
         help_text = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING:
             help_text += f" (default: {f.default!r})"
-        kwargs["help"] = help_text
+        kwargs["help"] = help_text.replace("%", "%%")  # argparse %-formats help text: "72%" would crash --help
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if tp is bool:

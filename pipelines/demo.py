@@ -54,7 +54,7 @@ class DemoConfig:
                               "to fit the demo's time budget)")
     prompt: str = _f("go to the red ball", "prompt for the generated levels and the imagined training worlds")
     num_worlds: int = _f(256, "levels generated from the prompt (the imagined training worlds)")
-    bc_steps: int = _f(800, "behaviour-cloning gradient steps")
+    bc_steps: int = _f(1200, "behaviour-cloning gradient steps")
     ppo_envs: int = _f(32, "imagined envs stepped per server call")
     ppo_rollout_steps: int = _f(32, "steps per env per PPO iteration")
     ppo_timesteps: int = _f(4096, "imagined env steps of PPO")
@@ -63,6 +63,8 @@ class DemoConfig:
                                     "collected videos hold)")
     eval_levels: str = _f("BabyAI-GoToRedBall-v0,BabyAI-GoToLocal-v0", "real BabyAI levels to evaluate on")
     eval_episodes: int = _f(100, "real-game episodes per level and agent")
+    eval_greedy: bool = _f(False, "evaluate with each policy's most probable action (default: sample, as in "
+                                  "training; greedy cloned policies loop: 43% vs 72% success on GoToRedBall)")
     gifs: int = _f(2, "real-vs-imagined GIFs per policy and level")
     seed: int = _f(0, "seed")
     threads: int = _f(2, "torch threads for in-process steps")
@@ -174,7 +176,8 @@ def run_demo(cfg: DemoConfig, log=None) -> dict:
             wandb=cfg.wandb, threads=cfg.threads), log=log))
         steps.run("evaluate", ev / "evaluation.json", lambda: evaluate(EvaluateConfig(
             policy=f"bc={bc},imagination_ppo={ppo},real_game_ppo={real_ppo}", levels=cfg.eval_levels,
-            episodes=cfg.eval_episodes, out=str(ev), bundle=str(world), gifs=cfg.gifs, threads=cfg.threads),
+            episodes=cfg.eval_episodes, out=str(ev), bundle=str(world), gifs=cfg.gifs, threads=cfg.threads,
+            greedy=cfg.eval_greedy),
             log=log))
     finally:
         if started:

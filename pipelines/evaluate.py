@@ -225,11 +225,12 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
                 gifs += real_vs_imagined_gifs(bundle, tapes, out / "gifs", f"{name}_{level}")
             rows.append({"level": level, "agent": name, **r})
             log(f"evaluate: {level} {name}: success {r['success_rate']:.3f} return {r['mean_return']:.3f}")
-    result = {"policies": {n: p.path for n, p in policies.items()}, "rows": rows,
+    result = {"policies": {n: p.path for n, p in policies.items()}, "greedy": bool(cfg.greedy), "rows": rows,
               "gifs": [str(g.relative_to(out)) for g in gifs]}
     write_json_atomic(out / "evaluation.json", result)
     save_config(cfg, out / "evaluation.config.json")
-    (out / "evaluation.md").write_text(format_table(rows))
+    actions = "greedy (most probable action)" if cfg.greedy else "sampled from the policy"
+    (out / "evaluation.md").write_text(f"Policies' actions: {actions}.\n\n" + format_table(rows))
     return result
 
 

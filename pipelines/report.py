@@ -150,6 +150,10 @@ def _section_eval(d: Path) -> str:
              r["mean_length_success"]] for r in ev["rows"]]
     parts = [_table(["level (real game)", "agent", "episodes", "success", "mean return", "mean length (successes)"],
                     rows)]
+    if "greedy" in ev:
+        parts.append("<p>Learned policies' actions: " + ("greedy (the most probable action)." if ev["greedy"] else
+                     "sampled from the policy, as in training (greedy cloned policies get stuck in loops).")
+                     + "</p>")
     gifs = [d / "eval" / g for g in ev.get("gifs", [])]
     if gifs:
         parts.append("<p>Each GIF: the agent in the real game (left) and the world model's imagined rollout of the "

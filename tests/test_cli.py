@@ -27,6 +27,23 @@ def test_console_script_installed_with_subcommands():
         assert flag in proc.stdout
 
 
+def test_every_subcommand_has_help():
+    # In-process (argparse, no Ray): a "%" in a config field's help once crashed `bc --help` and `demo --help`.
+    import contextlib
+    import io
+
+    from pipelines.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"collect", "pretrain", "generate", "bc", "train", "evaluate", "play", "demo", "info"} <= set(commands)
+    for name in commands:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+            parser.parse_args([name, "--help"])
+        assert e.value.code == 0 and "usage:" in out.getvalue(), name
+
+
 def test_info_json():
     proc = run("info", "--json")
     assert proc.returncode == 0, proc.stderr
