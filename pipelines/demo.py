@@ -44,17 +44,17 @@ class DemoConfig:
     out: str = _f("runs/demo", "run directory (every step writes a sub-directory; report.html at the top)")
     setting: str = _f("laptop", "defaults for the fields below", choices=tuple(SETTINGS))
     source: str = _f("babyai:BabyAI-GoToLocal-v0", "game to collect video from")
-    episodes: int = _f(1500, "episodes of video to collect")
+    episodes: int = _f(1200, "episodes of video to collect")
     episodes_per_shard: int = _f(100, "episodes per HDF5 shard")
     epsilon: float = _f(0.3, "random-action probability of the collecting bot")
     val_fraction: float = _f(0.1, "share of the collected episodes held out for the world model's evaluation")
     preset: str = _f("tiny", "world-model preset")
-    world_overrides: str = _f("tok_steps=450,lam_steps=500,dyn_steps=600,head_steps=600,prior_steps=200",
+    world_overrides: str = _f("tok_steps=400,lam_steps=450,dyn_steps=450,head_steps=450,prior_steps=150",
                               "world-model config overrides (the laptop default trims the tiny preset's steps "
                               "to fit the demo's time budget)")
     prompt: str = _f("go to the red ball", "prompt for the generated levels and the imagined training worlds")
     num_worlds: int = _f(256, "levels generated from the prompt (the imagined training worlds)")
-    bc_steps: int = _f(1200, "behaviour-cloning gradient steps")
+    bc_steps: int = _f(900, "behaviour-cloning gradient steps")
     ppo_envs: int = _f(32, "imagined envs stepped per server call")
     ppo_rollout_steps: int = _f(32, "steps per env per PPO iteration")
     ppo_timesteps: int = _f(4096, "imagined env steps of PPO")
