@@ -10,6 +10,11 @@ def to_float(frames: torch.Tensor) -> torch.Tensor:
     return frames.float() / 255.0 if frames.dtype == torch.uint8 else frames
 
 
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoded pixels in about [0, 1] -> uint8 [..., H, W, 3] (the inverse of ``to_float``)."""
+    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def patchify(frames: torch.Tensor, patch: int) -> torch.Tensor:
     """[B, T, H, W, C] -> [B, T, P, patch*patch*C] with P = (H/patch)*(W/patch), row-major."""
     b, t, h, w, c = frames.shape

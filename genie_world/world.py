@@ -34,6 +34,7 @@ from .bundle import WorldBundle
 from .level_constraints import constrain_logits
 from .levels import LevelSet, check_levels_match
 from .maskgit import seeded_generator
+from .patches import to_uint8
 from .slot_cache import SlotKVCache
 
 ACTION_TYPES = ("real", "latent")
@@ -390,7 +391,7 @@ class World:
         frames = None
         if sub.dec is not None:
             pix = self.tok.decode_slots(new, sub.dec).float()  # [B, H, W, 3] in about [0, 1]
-            frames = (pix.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            frames = to_uint8(pix).cpu().numpy()
         reward, term_logit = self.head(sub.mission_ids, new, text=sub.mission_emb)
         terminated = term_logit > 0
         if self._sparse_reward:

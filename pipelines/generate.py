@@ -49,6 +49,7 @@ def generate(cfg: GenerateConfig) -> dict:
 
     from genie_world.bundle import load_bundle
     from genie_world.levels import save_levels
+    from genie_world.patches import to_uint8
     from genie_world.world import World
     from genie_world.world_builder import WorldBuilder
 
@@ -71,7 +72,7 @@ def generate(cfg: GenerateConfig) -> dict:
     if cfg.grid:
         with torch.no_grad():
             first = bundle.tokenizer.decode(torch.as_tensor(levels.first_tokens)[:, None])[:, 0]
-        frames = (first.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        frames = to_uint8(first).numpy()
         result["grid"] = str(save_png(cfg.grid, frame_grid(frames)))
     if cfg.rollout:
         n = min(cfg.rollout_envs, len(levels))

@@ -55,6 +55,8 @@ class ReplayAuxBatches:
         import ray
         import torch
 
+        from genie_world.patches import to_uint8
+
         if self._replay is None:
             self._connect()
         try:
@@ -67,7 +69,7 @@ class ReplayAuxBatches:
         with torch.no_grad():
             ids = torch.as_tensor(rows["obs_tokens"].astype(np.int64))[:, None]  # [B, 1, P]
             pix = self._video.decode(ids)[:, 0]  # [B, H, W, 3] in about [0, 1]
-            image = (pix.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            image = to_uint8(pix).numpy()
         self.decode_s += time.perf_counter() - t0
         unknown = sorted(set(rows["mission_id"].tolist()) - set(self._texts))
         if unknown:
