@@ -9,7 +9,8 @@ RLlib cannot batch gymnasium ``Text`` spaces, so the mission string is tokenized
   ``make_babyai_env`` composes the two; ``babyai_env_creator`` is the RLlib ``register_env`` creator.
 - Imagined worlds: ``genie_world.gym_env.WorldVectorEnv`` already yields {"image": [N, 64, 64, 3],
   "mission": tuple of N str} with next-step autoreset; ``world_vector_env_creator`` wraps it with
-  ``MissionTokensVector`` for ``gym_env_vectorize_mode=gym.VectorizeMode.VECTOR_ENTRY_POINT``.
+  ``MissionTokensVector`` for ``gym_env_vectorize_mode=gym.VectorizeMode.VECTOR_ENTRY_POINT``; with several
+  world servers (``env_config["servers"]``) each EnvRunner's envs step on one of them (``world_server_for``).
 """
 
 from __future__ import annotations
@@ -101,15 +102,40 @@ def babyai_env_creator(env_config) -> gym.Env:
                            env_config.get("frame_size", 64), env_config.get("max_steps"))
 
 
+def world_server_for(servers, env_runner_index: int) -> str:
+    """The WorldModelServer EnvRunner ``env_runner_index`` uses: ``servers[(max(i, 1) - 1) % len(servers)]``.
+
+    Remote EnvRunners are numbered 1..K, the local one 0 (it only samples when there are no remote ones), so
+    runner 1 and the local runner take the first server and the rest go round-robin. A restarted EnvRunner keeps
+    its index and so gets the same server again."""
+    servers = list(servers)
+    if not servers:
+        raise ValueError("env_config['servers'] is empty: expected the names of one or more world servers")
+    return servers[(max(int(env_runner_index), 1) - 1) % len(servers)]
+
+
 def world_vector_env_creator(env_config) -> gym.vector.VectorEnv:
     """RLlib vector creator (``gym_env_vectorize_mode=VECTOR_ENTRY_POINT``): env_config has ``num_envs``
     (added by RLlib), ``tokenizer``, optional ``max_len``, and WorldVectorEnv's keyword arguments
-    (``bundle`` or ``server``, ``prompt``/``levels``/``level_file``, ``num_levels``, ``seed``, ``mission``).
-    Each EnvRunner gets its own seed: ``seed + 1000 * worker_index``."""
+    (``bundle``, or ``server`` / ``servers``, ``prompt``/``levels``/``level_file``, ``num_levels``, ``seed``,
+    ``mission``).
+
+    The EnvRunner's index comes from ``env_runner_index`` (added by ``pipelines.world_ppo.WorldEnvRunner``:
+    RLlib 2.60 hands a vector entry point a plain dict, not its EnvContext with ``worker_index``), else from an
+    EnvContext's ``worker_index``, else 0. With ``servers`` (a list of names) the env steps on
+    ``world_server_for(servers, index)``; ``server`` alone names the one server. Each EnvRunner gets its own
+    seed: ``seed + 1000 * index``."""
     from genie_world.gym_env import WorldVectorEnv
+
+    from .world_ppo import ENV_RUNNER_INDEX
 
     cfg = dict(env_config)
     tokenizer, max_len = cfg.pop("tokenizer"), cfg.pop("max_len", None)
     num_envs = int(cfg.pop("num_envs", 1))
-    cfg["seed"] = int(cfg.get("seed", 0)) + 1000 * int(getattr(env_config, "worker_index", 0))
+    index = cfg.pop(ENV_RUNNER_INDEX, None)
+    index = int(getattr(env_config, "worker_index", 0) or 0) if index is None else int(index)
+    servers = cfg.pop("servers", None)
+    if servers:
+        cfg["server"] = world_server_for(servers, index)
+    cfg["seed"] = int(cfg.get("seed", 0)) + 1000 * index
     return MissionTokensVector(WorldVectorEnv(num_envs, **cfg), tokenizer, max_len)

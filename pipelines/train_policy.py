@@ -4,10 +4,11 @@ imagined world served by a WorldModelServer, or in the real BabyAI game (the bas
     --env "world://RUN?prompt=go to the red ball&num_levels=256&max_episode_steps=64"
     --env babyai:BabyAI-GoToLocal-v0
 
-World envs: the algorithm (``WorldPPO``, pipelines/world_ppo.py) starts one named WorldModelServer per run
-(GPU if one is there) before it builds its EnvRunners, hands its name to their envs, and kills it on
-``algo.stop()``; a restarted EnvRunner finds the same server by name. Each EnvRunner's ``step`` is one call to
-the server for all its envs.
+World envs: the algorithm (``WorldPPO``, pipelines/world_ppo.py) starts ``--world-servers`` (default 1) named
+WorldModelServers per run (each on a GPU if there is one) before it builds its EnvRunners, hands their names to
+the envs, and kills them on ``algo.stop()``; each EnvRunner uses one server (round-robin by its index) and a
+restarted EnvRunner finds the same server by name. Each EnvRunner's ``step`` is one call to its server for all
+its envs.
 
 World envs also get a shared replay (``--replay-capacity``, default 1e6 transitions; 0: off): every
 finished episode's world-model tokens, actions, rewards, flags, mission ids and episode id go in, in one add
@@ -53,6 +54,14 @@ class TrainConfig:
     total_timesteps: int = _f(100_000, "stop after this many env steps")
     num_env_runners: int = _f(0, "RLlib EnvRunner actors (0: sample in the driver process)")
     num_learners: int = _f(0, "RLlib Learner actors (0: learn in the driver process)")
+    world_servers: int = _f(1, "world:// envs: WorldModelServer actors the run starts (e.g. one per GPU); the "
+                               "EnvRunners are spread round-robin over them; at most max(1, --num-env-runners)")
+    world_server_gpus: float = _f(-1.0, "GPUs per world server; -1: 1 when the Ray cluster has a GPU when the run "
+                                        "starts, else 0 (an autoscaling cluster whose GPU nodes start at zero: pass 1)")
+    world_server_resource: str = _f("", "a custom resource each world server requests one unit of, e.g. "
+                                        "world_server (cluster/*.yaml advertise it on GPU nodes only); empty: none")
+    learner_gpus: float = _f(0.0, "GPUs per RLlib Learner (num_gpus_per_learner; with --num-learners 0 the "
+                                  "driver's own Learner)")
     minibatch_size: int = _f(256, "PPO minibatch size")
     num_epochs: int = _f(4, "PPO epochs per iteration")
     lr: float = _f(3e-4, "learning rate")
@@ -161,19 +170,51 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def world_server_spec(cfg: TrainConfig, spec: EnvSpec, run: str) -> dict:
-    """What ``WorldPPO`` starts for a world:// run: one server named after the run (tests and tools find it by
-    ``genie-sima-train-RUN``), sized for every env of every EnvRunner, on the GPU when there is one."""
-    import torch
+def _check_world_servers(cfg: TrainConfig) -> int:
+    """``--world-servers``, checked: >= 1, and no more than the EnvRunners that would use them."""
+    count, runners = cfg.world_servers, max(1, cfg.num_env_runners)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConfigError(f"--world-servers must be an integer >= 1, got {count!r}")
+    if count > runners:
+        raise ConfigError(f"--world-servers {count} > {runners} env runners (--num-env-runners "
+                          f"{cfg.num_env_runners}): each EnvRunner uses one server, so {count - runners} would "
+                          "sit idle; use at most as many servers as EnvRunners")
+    return count
 
-    capacity = int(spec.params.get("capacity", cfg.num_envs * max(1, cfg.num_env_runners)))
-    return {"name": f"genie-sima-train-{run}", "bundle": spec.target, "num_gpus": 1 if torch.cuda.is_available() else 0,
-            "num_cpus": 0.5, "capacity": capacity, "max_batch": capacity,
-            "max_episode_steps": int(spec.params.get("max_episode_steps", 64)), "threads": cfg.threads}
+
+def _world_server_gpus(cfg: TrainConfig) -> float:
+    """``--world-server-gpus``, with -1 resolved against the Ray cluster this run joined (not the driver's own
+    devices: on a cluster the driver runs on a CPU head node)."""
+    if cfg.world_server_gpus >= 0:
+        return float(cfg.world_server_gpus)
+    import ray
+
+    if not ray.is_initialized():  # a spec made outside a run: this machine's own devices
+        import torch
+
+        return 1.0 if torch.cuda.is_available() else 0.0
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def world_server_spec(cfg: TrainConfig, spec: EnvSpec, run: str) -> dict:
+    """What ``WorldPPO`` starts for a world:// run: ``--world-servers`` servers named after the run (one:
+    ``genie-sima-train-RUN``, which tests and tools find it by; several: ``genie-sima-train-RUN-i``), each on the
+    GPU when there is one and sized for the envs of the EnvRunners that use it: ceil(runners / servers) *
+    num_envs (the EnvRunners are spread round-robin, pipelines.mission_tokens.world_server_for). An env spec's
+    ``capacity=`` overrides the size of each server."""
+    count = _check_world_servers(cfg)
+    runners = max(1, cfg.num_env_runners)
+    capacity = int(spec.params.get("capacity", math.ceil(runners / count) * cfg.num_envs))
+    return {"name": f"genie-sima-train-{run}", "bundle": spec.target, "count": count,
+            "num_gpus": _world_server_gpus(cfg), "num_cpus": 0.5, "capacity": capacity,
+            "resources": {cfg.world_server_resource: 1} if cfg.world_server_resource else {},
+            "max_batch": capacity, "max_episode_steps": int(spec.params.get("max_episode_steps", 64)),
+            "threads": cfg.threads}
 
 
 def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, server: dict | None, replay=None):
-    """``server``: ``world_server_spec(...)`` for world envs (the algorithm starts it and hands it to the envs).
+    """``server``: ``world_server_spec(...)`` for world envs (the algorithm starts its ``count`` servers and hands
+    their names to the envs, each EnvRunner's envs picking one; pipelines/world_ppo.py).
     ``replay``: the run's ``TrainReplay`` (world envs with the replay on): EnvRunners feed it finished
     episodes (``ReplayFeed``), Learners draw their auxiliary-loss batches from it."""
     import gymnasium as gym
@@ -219,7 +260,8 @@ def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, ser
               .training(train_batch_size_per_learner=batch, minibatch_size=min(cfg.minibatch_size, batch),
                         num_epochs=cfg.num_epochs, lr=cfg.lr, gamma=cfg.gamma)
               .rl_module(rl_module_spec=RLModuleSpec(module_class=SimaRLModule, model_config=model_config))
-              .learners(num_learners=cfg.num_learners, learner_class=SimaPPOLearner,
+              .learners(num_learners=cfg.num_learners, num_gpus_per_learner=cfg.learner_gpus,
+                        learner_class=SimaPPOLearner,
                         learner_config_dict=learner_config)
               # A dead EnvRunner is restarted (and finds the world server by name again); an env whose step
               # fails -- e.g. its world server died and Ray is restarting it -- is recreated, re-opens its
@@ -262,7 +304,8 @@ def train(cfg: TrainConfig, log=None) -> dict:
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not cfg.env or not cfg.out:
         raise ConfigError("--env and --out are required")
-    for name in ("num_envs", "rollout_steps", "total_timesteps", "num_epochs", "checkpoint_every", "replay_shards"):
+    for name in ("num_envs", "rollout_steps", "total_timesteps", "num_epochs", "checkpoint_every", "replay_shards",
+                 "world_servers"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.replay_capacity and cfg.replay_capacity < 2 * cfg.replay_shards:
@@ -274,7 +317,13 @@ def train(cfg: TrainConfig, log=None) -> dict:
     if cfg.aux_batch_size < 2:
         raise ConfigError(f"--aux-batch-size must be >= 2 (the contrastive losses need pairs), "
                           f"got {cfg.aux_batch_size}")
+    if cfg.world_server_gpus < 0 and cfg.world_server_gpus != -1:
+        raise ConfigError(f"--world-server-gpus must be -1 (auto) or >= 0, got {cfg.world_server_gpus}")
+    if cfg.learner_gpus < 0:
+        raise ConfigError(f"--learner-gpus must be >= 0, got {cfg.learner_gpus}")
     spec = parse_env(cfg.env)
+    if spec.kind == "world":
+        _check_world_servers(cfg)
     # Refuse bad worlds before anything is written or started: inside RLlib, an env that cannot be made
     # is recreated again and again (restart_failed_sub_environments), never refused.
     bundle = check_world_inputs(spec) if spec.kind == "world" else None
@@ -305,10 +354,11 @@ def train(cfg: TrainConfig, log=None) -> dict:
 
             video = ImaginedRollout(spec.target, spec.params, tokenizer.to_json(), cfg.video_steps, cfg.seed)
         algo = build_algo_config(cfg, spec, tokenizer.to_json(), server_spec, replay).build_algo()
-        server = algo.world_server  # started and owned by the algorithm; None for the real game
-        if server is not None:
+        servers = list(algo.world_servers)  # started and owned by the algorithm; none for the real game
+        if servers:
             info = algo.world_server_info
-            log(f"train: world server {info['name']} ({info['capacity']} envs, bundle {info['fingerprint']})")
+            more = f" and {len(servers) - 1} more" if len(servers) > 1 else ""
+            log(f"train: world server {info['name']}{more} ({info['capacity']} envs each, bundle {info['fingerprint']})")
         try:
             if latest is not None:
                 algo.restore_from_path(str(latest))
@@ -324,7 +374,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
         events.mkdir(exist_ok=True)
         steps, it, t0, result, sampled_here, idle = 0, algo.iteration, time.perf_counter(), {}, 0, 0
         gauges = _train_gauges()
-        ends = (0, 0)
+        ends = [(0, 0)] * len(servers)  # per server: (terminated, truncated) counters at the last iteration
         replay_added = replay.stats()["transitions_added"] if replay is not None else 0  # restored ones too
         try:
             while steps < cfg.total_timesteps:
@@ -343,21 +393,25 @@ def train(cfg: TrainConfig, log=None) -> dict:
                     raise RuntimeError(f"train: no env steps sampled in {idle} consecutive iterations: the EnvRunners "
                                        "are not coming back (see the Ray worker logs)")
                 gauges["steps"].set(this_iter / max(1e-9, time.perf_counter() - t_iter))
-                st = _server_stats(server, log) if server is not None else None
+                stats = [_server_stats(server, log) for server in servers]
                 if replay is not None:
                     rs = replay.stats()
                     added = rs["transitions_added"] - replay_added
                     replay_added = rs["transitions_added"]
                     metrics.update({"replay/size": float(rs["size"]), "replay/transitions_added": float(replay_added),
                                     "replay/adds_per_s": added / max(1e-9, time.perf_counter() - t_iter)})
-                if st is not None:
-                    if st["episodes_terminated"] < ends[0] or st["episodes_truncated"] < ends[1]:
-                        ends = (0, 0)  # the server was restarted: its counters started again from zero
-                    done = (st["episodes_terminated"] - ends[0], st["episodes_truncated"] - ends[1])
-                    ends = (st["episodes_terminated"], st["episodes_truncated"])
-                    if sum(done):
-                        metrics["imagined_success"] = done[0] / sum(done)
-                        gauges["success"].set(metrics["imagined_success"])
+                done = [0, 0]  # episodes that ended this iteration on every server: terminated, truncated
+                for j, st in enumerate(stats):
+                    if st is None:
+                        continue
+                    now = (st["episodes_terminated"], st["episodes_truncated"])
+                    if now[0] < ends[j][0] or now[1] < ends[j][1]:
+                        ends[j] = (0, 0)  # the server was restarted: its counters started again from zero
+                    done = [done[0] + now[0] - ends[j][0], done[1] + now[1] - ends[j][1]]
+                    ends[j] = now
+                if sum(done):
+                    metrics["imagined_success"] = done[0] / sum(done)
+                    gauges["success"].set(metrics["imagined_success"])
                 logger.scalars(steps, metrics)
                 elapsed = time.perf_counter() - t0
                 rate = sampled_here / max(1e-9, elapsed)

@@ -220,10 +220,11 @@ def test_raycluster_matches_kuberay_crd():
     check_cluster_spec(manifest["spec"])
 
 
-def test_rayjob_matches_kuberay_crd():
+@pytest.mark.parametrize("file, command", [("rayjob.yaml", "train"), ("rayjob-pretrain.yaml", "pretrain")])
+def test_rayjob_matches_kuberay_crd(file, command):
     from pipelines.cli import build_parser
 
-    manifest = load_yaml(CLUSTER / "kuberay" / "rayjob.yaml")
+    manifest = load_yaml(CLUSTER / "kuberay" / file)
     crd_validator("RayJob").validate(manifest)
     spec = manifest["spec"]
     check_cluster_spec(spec["rayClusterSpec"])
@@ -231,7 +232,7 @@ def test_rayjob_matches_kuberay_crd():
     runtime_env_from_yaml(yaml.safe_load(spec["runtimeEnvYAML"]))
     # The entrypoint is a real genie-sima command line: our own parser accepts it.
     argv = shlex.split(spec["entrypoint"])
-    assert argv[0] == "genie-sima"
+    assert argv[0] == "genie-sima" and argv[1] == command
     build_parser().parse_args(argv[1:])
 
 

@@ -119,7 +119,7 @@ def test_env_runner_killed_mid_training_is_restarted_and_finds_the_server(random
         pids = []
         for p in psutil.Process().children(recursive=True):
             try:
-                if "SingleAgentEnvRunner" in " ".join(p.cmdline()):
+                if "EnvRunner" in " ".join(p.cmdline()):  # ray::WorldEnvRunner (a SingleAgentEnvRunner)
                     pids.append(p.pid)
             except psutil.Error:
                 pass
