@@ -30,6 +30,8 @@ from .atomic_io import check_writable_dir, write_json_atomic
 from .config import config_field as _f, save_config
 from .errors import ConfigError
 
+FROZEN = 2**62  # freeze_vision_steps that outlasts any run
+
 # Per-setting defaults; a field given on the command line wins.
 SETTINGS: dict[str, dict] = {
     "laptop": {},
@@ -59,6 +61,9 @@ class DemoConfig:
     ppo_rollout_steps: int = _f(32, "steps per env per PPO iteration")
     ppo_timesteps: int = _f(4096, "imagined env steps of PPO")
     ppo_lr: float = _f(1e-4, "PPO learning rate (small: PPO refines the cloned policy)")
+    ppo_freeze_vision: bool = _f(True, "keep the clone's vision encoder frozen during PPO in imagination (its agent/"
+                                       "direction detectors are trained only by BC). Real-game success frozen vs "
+                                       "not: full size 85.5/86.0% vs 83.0/81.0%; this demo 68/74% vs 67/75%")
     real_ppo_timesteps: int = _f(0, "real-game steps for the real-game PPO baseline (0: as many frames as the "
                                     "collected videos hold)")
     eval_levels: str = _f("BabyAI-GoToRedBall-v0,BabyAI-GoToLocal-v0", "real BabyAI levels to evaluate on")
@@ -167,7 +172,7 @@ def run_demo(cfg: DemoConfig, log=None) -> dict:
             env=f"world://{world}?level_file={level_file}", out=str(ppo), num_envs=cfg.ppo_envs,
             rollout_steps=cfg.ppo_rollout_steps, total_timesteps=cfg.ppo_timesteps, lr=cfg.ppo_lr,
             init_policy=str(bc), resume=latest_checkpoint(ppo) is not None, seed=cfg.seed, wandb=cfg.wandb,
-            threads=cfg.threads), log=log))
+            threads=cfg.threads, freeze_vision_steps=FROZEN if cfg.ppo_freeze_vision else 0), log=log))
         real_frames = cfg.real_ppo_timesteps or _video_frames(data)
         level = cfg.eval_levels.split(",")[0].strip()
         steps.run("real_game_ppo", real_ppo / "checkpoints", lambda: train(TrainConfig(
