@@ -49,4 +49,7 @@ def direction_of(agent, entered, grid: int):
     """Direction index (``DIRECTION_STEPS``) of a step from cell ``agent`` into cell ``entered`` (numpy
     arrays or torch tensors of flat cell indices)."""
     dr, dc = entered // grid - agent // grid, entered % grid - agent % grid
-    return (dc == -1) * 2 + (dr == 1) * 1 + (dr == -1) * 3  # DIRECTION_STEPS: right 0, down 1, left 2, up 3
+    index = 0 * dr
+    for d, (step_r, step_c) in enumerate(DIRECTION_STEPS):
+        index = index + d * ((dr == step_r) & (dc == step_c))
+    return index

@@ -165,19 +165,27 @@ def build_policy(obs_space, action_space, vision_dim: int, hidden_dim: int, visi
 
 
 def _logits(module, images, missions):
-    _, _, h = module.embed({"image": images, "mission": missions})
-    return module.action_dist_inputs(h)  # [B, num_actions]
+    return _logits_and_features(module, images, missions)[0]  # [B, num_actions]
 
 
-def _detector_loss(module, images, cells):
+def _logits_and_features(module, images, missions):
+    """(action logits [B, num_actions], tile_ego's cell features [B, C, G, G] or None)."""
+    _, _, h, features = module.embed_with_cells({"image": images, "mission": missions})
+    return module.action_dist_inputs(h), features
+
+
+def _detector_loss(module, images, cells, features=None):
     """tile_ego: cross-entropy of the agent-cell detector (every row with a known agent cell) plus that of
     the direction detector at the agent's cell (rows that stepped forward). ``cells`` [B, 2]: (agent,
-    entered) flat cell indices, -1 unknown. Returns (loss, agent-cell accuracy)."""
+    entered) flat cell indices, -1 unknown; ``features``: the policy's own cell features of ``images`` when
+    the caller has them (else computed here). Returns (loss, agent-cell accuracy)."""
     from torch.nn import functional as F
 
     from .agent_cells import direction_of
 
-    agent_logits, dir_logits = module.trunk.detect(module.vision.features(images))  # [B, G*G], [B, 4, G*G]
+    if features is None:
+        features = module.vision.features(images)
+    agent_logits, dir_logits = module.trunk.detect(features)  # [B, G*G], [B, 4, G*G]
     agent, entered = cells[:, 0], cells[:, 1]
     known, stepped = agent >= 0, (agent >= 0) & (entered >= 0)
     zero = agent_logits.sum() * 0
@@ -299,10 +307,10 @@ def behaviour_clone(cfg: BCConfig, log=None) -> dict:
             if turns:
                 images, target, where = grid_symmetry(images, target, *turns, generator=gen, cells=where,
                                                       grid=int(getattr(module.vision, "grid", 8)))
-            logits = _logits(module, images, tokens_t[idx])
+            logits, features = _logits_and_features(module, images, tokens_t[idx])
             loss = torch.nn.functional.cross_entropy(logits, target)
-            if ego:
-                det_loss, det_hit = _detector_loss(module, images, where)
+            if ego:  # the detectors read the same cell features the policy just computed
+                det_loss, det_hit = _detector_loss(module, images, where, features)
                 loss = loss + cfg.detector_weight * det_loss
                 run_det += det_hit
             opt.zero_grad(set_to_none=True)

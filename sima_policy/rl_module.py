@@ -176,16 +176,21 @@ class SimaRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
 
     def embed(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """obs {"image", "mission"} -> (v [B, vision_dim], l [B, language_dim], h [B, hidden_dim])."""
+        return self.embed_with_cells(obs)[:3]
+
+    def embed_with_cells(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``embed`` plus tile_ego's cell grid [N, C, G, G] (None for "conv"), for a caller that also trains the
+        agent/direction detectors on it (``genie-sima bc``) without running the vision stem twice."""
         lang = self.language(obs["mission"])
         if self.arch == "conv":
             v = self.vision(obs["image"])
-            return v, lang, self.fuse(v, lang)
+            return v, lang, self.fuse(v, lang), None
         images = obs["image"]
         cells = self.vision.features(images)  # [N, C, G, G], N = prod(leading dims)
         lead = images.shape[:-3]
         v = self.vision.embed(cells).reshape(*lead, -1)  # [B, vision_dim]
         h = self.trunk(cells, lang.reshape(-1, lang.shape[-1])).reshape(*lead, -1)  # [B, hidden_dim]
-        return v, lang, h
+        return v, lang, h, cells
 
     def action_dist_inputs(self, h: torch.Tensor) -> torch.Tensor:
         out = self.pi(h)
