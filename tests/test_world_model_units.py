@@ -265,6 +265,21 @@ def _kernels():
     return small_attention
 
 
+def test_kernels_split_work_across_torch_threads():
+    """The kernels' at::parallel_for runs on torch's threads only when the extension is built with
+    OpenMP (PyTorch's CPU backend); built without, every kernel ran on one core, silently."""
+    _kernels()
+    if not torch._C.has_openmp:
+        pytest.skip("this torch build has no OpenMP backend")
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.ops.genie_sima_attn.parallel_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("shape", [(2, 37, 3, 4), (2, 20, 2, 16), (1, 33, 2, 8), (3, 5, 2, 2)])
 def test_small_attention_kernel_matches_sdpa(shape):
     sa = _kernels()
