@@ -24,7 +24,7 @@ def vocab_size(cfg: WorldModelConfig) -> int:
 def build_part(name: str, cfg: WorldModelConfig, text_vocab: int = 0):
     if name == "tokenizer":
         return VideoTokenizer(cfg.frame_size, cfg.patch, cfg.tok_width, cfg.tok_heads, cfg.tok_enc_blocks,
-                              cfg.tok_dec_blocks, cfg.fsq_levels, cfg.qk_norm)
+                              cfg.tok_dec_blocks, cfg.fsq_levels, cfg.qk_norm, cfg.tok_change_weight)
     if name == "latent_actions":
         return LatentActionModel(cfg.frame_size, cfg.patch, cfg.lam_width, cfg.lam_heads, cfg.lam_enc_blocks,
                                  cfg.lam_dec_blocks, cfg.num_latent_actions, cfg.qk_norm, cfg.lam_entropy_weight,

@@ -36,6 +36,8 @@ class WorldModelConfig:
     tok_enc_blocks: int = _f(2, "tokenizer encoder ST blocks")
     tok_dec_blocks: int = _f(2, "tokenizer decoder ST blocks")
     fsq_levels: str = _f("8,5,5,5", "FSQ levels per channel (codebook = product)")
+    tok_change_weight: float = _f(10.0, "tokenizer loss weight on pixels that change between the clip's frames "
+                                        "(what actions change; 1 = plain MSE)")
     # latent action model
     lam_width: int = _f(64, "latent action model width")
     lam_heads: int = _f(4, "latent action model heads")
@@ -146,7 +148,11 @@ def _has_type(value, want: type) -> bool:
 
 
 PRESETS: dict[str, dict] = {
-    "tiny": {},
+    # BabyAI on 2 CPU cores. 12 latent actions: BabyAI has at least 9 distinct effects (4 facings a turn
+    # can end in, 4 step directions, pick up / drop / toggle), and with 8 the LAM must merge two of them;
+    # which two depended on the training run (action mapping 97% or 85%, BENCHMARKS.md). 2 dynamics
+    # blocks: the World steps 1.5x faster than with 4 (BENCHMARKS.md), still well above copy-last.
+    "tiny": dict(num_latent_actions=12, dyn_blocks=2),
     "micro": dict(tok_width=32, tok_enc_blocks=1, tok_dec_blocks=1, lam_width=32, lam_enc_blocks=1,
                   lam_dec_blocks=1, dyn_width=32, dyn_blocks=2, head_width=32, head_blocks=1, prior_width=32,
                   prior_blocks=1, tok_batch=4, lam_batch=4, dyn_batch=4, head_batch=8,

@@ -19,9 +19,10 @@ from .st_transformer import KVCache, STTransformer
 
 class VideoTokenizer(nn.Module):
     def __init__(self, frame_size: int, patch: int, width: int, heads: int, enc_blocks: int, dec_blocks: int,
-                 fsq_levels, qk_norm: bool = False):
+                 fsq_levels, qk_norm: bool = False, change_weight: float = 1.0):
         super().__init__()
         self.frame_size, self.patch = frame_size, patch
+        self.change_weight = change_weight
         self.num_patches = (frame_size // patch) ** 2
         pdim = patch * patch * 3
         self.fsq = FSQ(fsq_levels)
@@ -70,9 +71,21 @@ class VideoTokenizer(nn.Module):
         return self._pixels(h)[:, 0]
 
     def loss(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """frames [B, T, H, W, 3]. Pixels that differ between consecutive frames of the clip weigh
+        ``change_weight`` times more: what an action changes (in BabyAI the agent's few pixels, its
+        facing) is a tiny share of the MSE, and without the weight the tokenizer could give two
+        facings one code, which the action adapter then cannot tell apart."""
         target = to_float(frames)
         codes, ids = self.encode(frames)
         recon = self.decode_codes(codes)
-        mse = F.mse_loss(recon, target)
-        metrics = {"loss": _item(mse), "mse": _item(mse), **self.fsq.usage(ids)}
-        return mse, metrics
+        se = (recon - target) ** 2
+        mse = se.mean()
+        loss = mse
+        if self.change_weight != 1.0 and frames.shape[1] > 1:
+            diff = (frames[:, 1:] != frames[:, :-1]).any(-1, keepdim=True)  # [B, T-1, H, W, 1]
+            changed = torch.zeros_like(target[..., :1], dtype=torch.bool)  # [B, T, H, W, 1]
+            changed[:, 1:] |= diff
+            changed[:, :-1] |= diff
+            loss = ((1.0 + (self.change_weight - 1.0) * changed.to(se.dtype)) * se).mean()
+        metrics = {"loss": _item(loss), "mse": _item(mse), **self.fsq.usage(ids)}
+        return loss, metrics

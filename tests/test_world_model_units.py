@@ -117,6 +117,25 @@ def _fit(model, loss_fn, steps, lr=3e-3):
     return first, loss_fn()[0].item()
 
 
+def test_tokenizer_change_weight_counts_pixels_that_differ_between_frames():
+    torch.manual_seed(0)
+    frames = torch.zeros(2, 3, 32, 32, 3, dtype=torch.uint8)
+    frames[0, 1, 5, 7] = 255  # one pixel of frame 1 differs from frames 0 and 2 of clip 0
+    plain = VideoTokenizer(32, 8, 32, 4, 1, 1, "8,5,5,5")
+    weighted = VideoTokenizer(32, 8, 32, 4, 1, 1, "8,5,5,5", change_weight=50.0)
+    weighted.load_state_dict(plain.state_dict())
+    loss_plain, m_plain = plain.loss(frames)
+    loss_w, m_w = weighted.loss(frames)
+    assert loss_plain.item() == pytest.approx(m_plain["mse"]) and m_w["mse"] == pytest.approx(m_plain["mse"])
+    recon = plain.decode_codes(plain.encode(frames)[0])
+    se = (recon - frames.float() / 255) ** 2
+    changed = torch.zeros(2, 3, 32, 32, 1)
+    changed[0, :, 5, 7] = 1  # the pixel, in the changed frame and in both neighbours it differs from
+    expected = ((1 + 49 * changed) * se).mean()
+    assert loss_w.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss_w.item() > loss_plain.item()
+
+
 def test_tiny_models_overfit_one_batch():
     torch.manual_seed(0)
     frames = _frames()
