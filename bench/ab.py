@@ -4,10 +4,10 @@ speed hits both sides alike. This VM's speed drifts by up to +-20% between runs 
 figures only within one A/B.
 
     python bench/ab.py --base HEAD --rounds 3 -- bench/world_model.py --runs 7
-    python bench/ab.py --base HEAD~1 --rounds 2 -- bench/serving.py --bundle runs/world-tiny --batches 64
+    python bench/ab.py --base HEAD~1 --rounds 2 -- bench/serving.py --bundle $PWD/runs/world-tiny --batches 64
 
-Each side runs the script from its own tree (``git archive`` of ``--base`` into a temp dir), with this
-interpreter. One JSON line per figure: the median over rounds of each run's value for both sides and
+Each side runs the script from its own tree (``git archive`` of ``--base`` into a temp dir, which is
+also its working directory: give data paths absolute), with this interpreter. One JSON line per figure: the median over rounds of each run's value for both sides and
 new/base (for times lower is better, for rates higher).
 """
 
