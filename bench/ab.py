@@ -27,8 +27,10 @@ KEYS = ("batch", "path", "preset", "precision")  # context that tells apart figu
 
 
 def export(ref: str, dest: Path) -> None:
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    out = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True)
+    if out.returncode:
+        raise SystemExit(f"ab: --base {ref!r}: git archive failed: {out.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=out.stdout, check=True)
 
 
 def run_side(tree: Path, script: list[str]) -> dict[str, float]:
