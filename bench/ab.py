@@ -7,8 +7,9 @@ figures only within one A/B.
     python bench/ab.py --base HEAD~1 --rounds 2 -- bench/serving.py --bundle $PWD/runs/world-tiny --batches 64
 
 Each side runs the script from its own tree (``git archive`` of ``--base`` into a temp dir, which is
-also its working directory: give data paths absolute), with this interpreter. One JSON line per figure: the median over rounds of each run's value for both sides and
-new/base (for times lower is better, for rates higher).
+also its working directory: give data paths absolute), with this interpreter. One JSON line per
+figure: the median over rounds of each run's value for both sides and new/base (for times lower is
+better, for rates higher), with the machine context every bench line carries.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._common import context  # noqa: E402
+
 KEYS = ("batch", "path", "preset", "precision")  # context that tells apart figures of the same name
 
 
@@ -73,7 +78,7 @@ def main() -> None:
         b, n = statistics.median(sides["base"]), statistics.median(sides["new"])
         print(json.dumps({"bench": "ab", "name": name, "base": b, "new": n, "new_over_base": n / b if b else None,
                           "base_runs": sides["base"], "new_runs": sides["new"], "base_ref": args.base,
-                          "script": " ".join(script)}))
+                          "script": " ".join(script), **context()}))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ BabyAI default: patch 8 at 64x64, one token per tile, so the dynamics model reas
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .scalars import item as _item
