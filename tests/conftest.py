@@ -29,10 +29,21 @@ def run_collect(out: Path, **overrides) -> dict:
 
 def kill_process_tree(proc) -> None:
     """SIGKILL a subprocess and everything it started (a local Ray's raylet, workers, ...)."""
+    import os
+    import signal
+
     import psutil
 
-    root = psutil.Process(proc.pid)
-    for p in root.children(recursive=True) + [root]:
+    try:
+        root = psutil.Process(proc.pid)
+        family = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:  # it exited already; what it started may still run in its group
+        family = []
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for p in family:
         try:
             p.kill()
         except psutil.NoSuchProcess:

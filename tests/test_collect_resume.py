@@ -33,14 +33,21 @@ def _pids_holding_temp(out: Path) -> list[int]:
     return pids
 
 
-def _wait_for(cond, timeout: float, what: str):
+def _wait_for(cond, timeout: float, what: str, detail=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = cond()
         if value:
             return value
         time.sleep(0.01)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+    pytest.fail(f"timed out after {timeout}s waiting for {what}{detail()}")
+
+
+def _driver_state(out: Path, log_path: Path, t0: float) -> str:
+    """What a timed-out wait saw: the output directory and the driver's own output."""
+    files = sorted(p.name for p in out.iterdir()) if out.exists() else "(missing)"
+    return (f"\nafter {time.monotonic() - t0:.0f}s, {out}: {files}"
+            f"\ndriver output:\n{log_path.read_text(errors='replace')[-4000:]}")
 
 
 def _check_complete(out: Path, n: int):
@@ -77,12 +84,26 @@ def test_driver_killed_mid_shard_resumes(ray_local, tmp_path, clean_slow):
            "--episodes", "4", "--policy", "random", "--episodes-per-shard", "1", "--max-steps", "600",
            "--workers", "1", "--seed", "0"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log_path = tmp_path / "driver.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    t0 = time.monotonic()
+
+    def running(cond):
+        def check():
+            if proc.poll() is not None:
+                pytest.fail(f"the collect driver exited (rc {proc.returncode}) before it could be killed; "
+                            f"its output:\n{log_path.read_text(errors='replace')[-4000:]}")
+            return cond()
+        return check
+
     try:
-        # Wait until one shard is complete and another is half-written, then kill everything.
-        _wait_for(lambda: (out / "shard_00000.h5").exists() and _pids_holding_temp(out), 120,
-                  "one complete shard and one half-written")
+        # Wait until one shard is complete and another is half-written, then kill everything. Two
+        # waits, so a timeout says which of the two never happened.
+        detail = lambda: _driver_state(out, log_path, t0)  # noqa: E731
+        _wait_for(running(lambda: (out / "shard_00000.h5").exists()), 240, "the first shard", detail)
+        _wait_for(running(lambda: (out / "shard_00000.h5").exists() and _pids_holding_temp(out)), 120,
+                  "a worker writing the second shard", detail)
     finally:
         kill_process_tree(proc)
     assert not (out / "manifest.parquet").exists()
