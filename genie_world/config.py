@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -133,8 +134,29 @@ class WorldModelConfig:
             problems.append(f"maskgit_schedule {self.maskgit_schedule!r}: expected one of {SCHEDULES}")
         if self.num_latent_actions < 2:
             problems.append("num_latent_actions must be >= 2")
+        for name, (low, high, closed_low) in FLOAT_RANGES.items():
+            v = getattr(self, name)
+            if not math.isfinite(v) or not (v >= low if closed_low else v > low) or v > high:
+                want = f"{'>=' if closed_low else '>'} {low:g}" + (f" and <= {high:g}" if high != math.inf else " (finite)")
+                problems.append(f"{name}: expected a number {want}, got {v!r}")
         if problems:
             raise WorldConfigError("; ".join(problems))
+
+
+# (low, high, low included). The tokenizer's change weight multiplies the changed pixels' loss
+# (1 = plain MSE, 0 would ignore them); the LAM's adds to it (0 = plain). NaN and inf are refused.
+FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
+    "tok_change_weight": (0.0, math.inf, False),
+    "lam_change_weight": (0.0, math.inf, True),
+    "lam_entropy_weight": (0.0, math.inf, True),
+    "lam_sample_entropy_weight": (0.0, math.inf, True),
+    "maskgit_temperature": (0.0, math.inf, True),
+    "prior_temperature": (0.0, math.inf, True),
+    "lr": (0.0, math.inf, False),
+    "min_lr_ratio": (0.0, 1.0, True),
+    "weight_decay": (0.0, math.inf, True),
+    "grad_clip": (0.0, math.inf, False),
+}
 
 
 class WorldConfigError(ValueError):

@@ -70,6 +70,10 @@ def other_bundle_levels(bundle_factory, tmp_path_factory) -> Path:
     (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     (["--tok-steps", "0"], "tok_steps: expected an integer >= 1, got 0"),
     (["--tok-batch", "-4"], "tok_batch: expected an integer >= 1, got -4"),
+    (["--tok-change-weight", "0"], "tok_change_weight: expected a number > 0 (finite), got 0.0"),
+    (["--lam-change-weight", "-1"], "lam_change_weight: expected a number >= 0 (finite), got -1.0"),
+    (["--min-lr-ratio", "1.5"], "min_lr_ratio: expected a number >= 0 and <= 1, got 1.5"),
+    (["--lr", "nan"], "lr: expected a number > 0 (finite), got nan"),
 ])
 def test_pretrain_flags_of_wrong_type_or_value(babyai_mixed_data, tmp_path, capsys, argv, message):
     out = tmp_path / "run"
