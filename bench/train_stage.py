@@ -47,24 +47,24 @@ def main() -> None:
     from ray.train.torch import TorchTrainer
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    storage = tempfile.mkdtemp(prefix="bench-train-stage-")
     samples: dict[float, list[float]] = {v: [] for v in intervals}
-    try:
-        # One unmeasured fit: the first run on a fresh Ray also starts Ray Train's state actor.
-        for rnd in range(args.rounds + 1):
-            order = intervals if rnd % 2 else intervals[::-1]
-            for v in order:
-                # Ray Train hands the variable from the driver's environment to the controller it starts.
-                os.environ[HEALTH_CHECK_INTERVAL_ENV] = str(v)
-                t0 = time.perf_counter()
-                TorchTrainer(_report_once, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-                             run_config=RunConfig(name=f"r{rnd}-{v}", storage_path=storage)).fit()
-                if rnd:
-                    samples[v].append(time.perf_counter() - t0)
-                if not rnd:
-                    break
-    finally:
-        ray.shutdown()
+    with tempfile.TemporaryDirectory(prefix="bench-train-stage-") as storage:
+
+        def fit_seconds(interval: float, name: str) -> float:
+            # Ray Train hands the variable from the driver's environment to the controller it starts.
+            os.environ[HEALTH_CHECK_INTERVAL_ENV] = str(interval)
+            t0 = time.perf_counter()
+            TorchTrainer(_report_once, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                         run_config=RunConfig(name=name, storage_path=storage)).fit()
+            return time.perf_counter() - t0
+
+        try:
+            fit_seconds(intervals[0], "warmup")  # unmeasured: the first fit on a fresh Ray starts Train's state actor
+            for rnd in range(args.rounds):
+                for v in (intervals if rnd % 2 == 0 else intervals[::-1]):
+                    samples[v].append(fit_seconds(v, f"r{rnd}-{v}"))
+        finally:
+            ray.shutdown()
     for v in intervals:
         emit("train_stage", "noop_fit_s", samples[v], "s", health_check_interval_s=v, workers=1, rounds=args.rounds)
 

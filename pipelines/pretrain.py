@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -89,8 +90,6 @@ HEALTH_CHECK_INTERVAL_S = "0.2"
 
 
 def _run_stage(stage: str, args: PretrainArgs, cfg: WorldModelConfig, run: Path, log) -> None:
-    import os
-
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

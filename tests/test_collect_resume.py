@@ -92,8 +92,8 @@ def test_driver_killed_mid_shard_resumes(ray_local, tmp_path, clean_slow):
     def running(cond):
         def check():
             if proc.poll() is not None:
-                pytest.fail(f"the collect driver exited (rc {proc.returncode}) before it could be killed; "
-                            f"its output:\n{log_path.read_text(errors='replace')[-4000:]}")
+                pytest.fail(f"the collect driver exited (rc {proc.returncode}) before it could be killed"
+                            f"{_driver_state(out, log_path, t0)}")
             return cond()
         return check
 
