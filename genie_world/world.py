@@ -254,21 +254,50 @@ class World:
         a = _as_action_array(actions, "[K, H] (K branches of H actions)")
         if a.ndim != 2:
             raise InvalidActionError(f"actions has shape {a.shape}; expected [K, H] (K branches of H actions)")
-        k, h = a.shape
         idx = self._env_index([env])
         if not self._started[idx[0]]:
             raise ValueError(f"env {env} was never reset")
-        for t in range(h):
-            self.check_actions(a[:, t], k)
-        sub = self._state.gather(torch.full((k,), int(idx[0]), dtype=torch.long, device=self.device))
-        frames = [np.repeat(self._frames[idx], k, 0)] if self.render else []
-        tokens, rewards, terms, latents = [sub.tokens.cpu().numpy()], [], [], []
+        k = a.shape[0]
         seeds = [(*self._env_seeds[idx[0]], j) for j in range(k)]  # branch j has its own stream
-        ep, step0 = int(self._episode[idx[0]]), int(self._episode_step[idx[0]])
+        return self._open_loop(np.repeat(idx, k), a, seeds, None)
+
+    @torch.no_grad()
+    def replay(self, actions, envs=None, teacher_tokens=None) -> Counterfactual:
+        """Open loop: each of ``envs`` (default all) from its current state under its own actions
+        [N, H], ignoring termination (nothing resets); the world itself is not changed.
+
+        ``teacher_tokens`` [N, H, P]: after predicting step t, each env continues from these tokens
+        instead of its own prediction (teacher forcing), so step t's prediction is one step from the
+        given history -- how fidelity measures single steps from real states.
+        """
+        a = _as_action_array(actions, "[N, H] (H actions per env)")
+        idx = self._env_index(envs)
+        if a.ndim != 2 or a.shape[0] != len(idx):
+            raise InvalidActionError(f"actions has shape {a.shape}; expected [{len(idx)}, H]: H actions per env")
+        never = idx[~self._started[idx]]
+        if never.size:
+            raise ValueError(f"envs {never[:8].tolist()} were never reset")
+        if teacher_tokens is not None:
+            teacher_tokens = np.asarray(teacher_tokens)
+            want = (*a.shape, self.dyn.num_patches)
+            if teacher_tokens.shape != want:
+                raise ValueError(f"teacher_tokens has shape {teacher_tokens.shape}; expected {want}")
+        return self._open_loop(idx, a, [self._env_seeds[i] for i in idx], teacher_tokens)
+
+    def _open_loop(self, idx: np.ndarray, a: np.ndarray, seeds, teacher) -> Counterfactual:
+        """Steps copies of envs ``idx`` (repeats allowed) under actions [N, H]; see ``replay``."""
+        n, h = a.shape
+        for t in range(h):
+            self.check_actions(a[:, t], n)
+        sub = self._state.gather(torch.as_tensor(idx, dtype=torch.long, device=self.device))
+        frames = [self._frames[idx]] if self.render else []
+        tokens, rewards, terms, latents = [sub.tokens.cpu().numpy()], [], [], []
+        eps, step0 = self._episode[idx].tolist(), self._episode_step[idx]
+        no_reset = torch.zeros(n, dtype=torch.bool, device=self.device)
         for t in range(h):
             latent = self._to_latent(a[:, t], sub.tokens)
-            out = self._advance(sub, latent, torch.zeros(k, dtype=torch.bool, device=self.device), None,
-                                self._noise(seeds, [ep] * k, [step0 + t] * k))
+            forced = None if teacher is None else torch.as_tensor(teacher[:, t], dtype=torch.long, device=self.device)
+            out = self._advance(sub, latent, no_reset, None, self._noise(seeds, eps, (step0 + t).tolist()), forced)
             if self.render:
                 frames.append(out["frames"])
             tokens.append(out["tokens"])
@@ -368,9 +397,11 @@ class World:
                          [self._missions[i] for i in idx], [self._level_ids[i] for i in idx])
 
     @torch.no_grad()
-    def _advance(self, sub: _EnvState, latent: torch.Tensor, resetting: torch.Tensor, reset_tokens, noise) -> dict:
+    def _advance(self, sub: _EnvState, latent: torch.Tensor, resetting: torch.Tensor, reset_tokens, noise,
+                 forced: torch.Tensor | None = None) -> dict:
         """One frame for every env of ``sub``: generated under ``latent``, or the level's first frame
-        where ``resetting``. Updates ``sub`` in place."""
+        where ``resetting``. Updates ``sub`` in place. With ``forced`` [B, P] the generated frame is
+        scored and returned, but the env continues from ``forced`` (teacher forcing)."""
         cfg = self.cfg
         if bool((~resetting).any()):
             if self.temperature <= 0 and self.maskgit_steps == 1:  # greedy, every position at once
@@ -386,11 +417,16 @@ class World:
             if sub.dec is not None:
                 sub.dec.clear(resetting)
         start = torch.full_like(latent, self.dyn.num_actions)  # the "no action" into frame 0
-        self.dyn.commit_slots(sub.dyn, new, torch.where(resetting, start, latent))
-        sub.tokens.copy_(new)
+        kept = new if forced is None else forced
+        self.dyn.commit_slots(sub.dyn, kept, torch.where(resetting, start, latent))
+        sub.tokens.copy_(kept)
         frames = None
         if sub.dec is not None:
-            pix = self.tok.decode_slots(new, sub.dec).float()  # [B, H, W, 3] in about [0, 1]
+            if forced is None:
+                pix = self.tok.decode_slots(new, sub.dec).float()  # [B, H, W, 3] in about [0, 1]
+            else:  # the decoder's history must be the kept frames too: decode the prediction, then commit those
+                pix = self.tok.decode_slots(new, sub.dec.gather(torch.arange(len(new), device=new.device))).float()
+                self.tok.decode_slots(forced, sub.dec)
             frames = to_uint8(pix).cpu().numpy()
         reward, term_logit = self.head(sub.mission_ids, new, text=sub.mission_emb)
         terminated = term_logit > 0
