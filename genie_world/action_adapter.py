@@ -8,9 +8,11 @@ fitted on labelled transitions where the frame changed. The tokenizer gives each
 agent facing each way included) its own token, so a few hundred labels suffice.
 
 latent -> real: the most probable real action for (latent, state) -- how an agent's latent choice
-becomes a key press. real -> latent: the latent under which that real action is most probable in that
-state -- how keys drive the world model. Real actions that never changed the frame (a no-op, e.g.
-``done`` or walking into a wall) map to the latent the LAM gives unchanged transitions.
+becomes a key press. real -> latent, how keys drive the world model: with a ``key_model``
+(``KeyToLatent``, the bundle's ``action_adapter.safetensors``), the latent the key most likely causes
+in this state, read off the token grid; without one, the latent under which that real action is most
+probable in that state, and real actions that never changed the frame (a no-op, e.g. ``done``) map to
+the latent the LAM gives unchanged transitions.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class ActionAdapter:
         self.num_labelled = int(num_labelled)
         # Real actions never seen changing the frame: keys for them drive the no-op latent.
         self.no_effect_real = sorted(no_effect_real if no_effect_real is not None else range(num_real))
+        self.key_model = None  # KeyToLatent: real -> latent from the token grid (see key_to_latent.py)
 
     @classmethod
     def fit(cls, real, latent, changed, context, num_real: int, num_latent: int, max_transitions: int = 200,
@@ -81,6 +84,10 @@ class ActionAdapter:
 
     def real_to_latent(self, real, context) -> np.ndarray:
         real, context = np.asarray(real), np.asarray(context)
+        if self.key_model is not None:
+            with torch.no_grad():
+                logits = self.key_model(torch.as_tensor(context, dtype=torch.long), torch.as_tensor(real, dtype=torch.long))
+            return logits.argmax(-1).numpy()
         n = len(real)
         scores = torch.stack([self._log_probs(np.full(n, a), context)[torch.arange(n), torch.as_tensor(real)]
                               for a in range(self.num_latent)], dim=1)  # [N, A]
@@ -96,12 +103,22 @@ class ActionAdapter:
         return float((pred == np.asarray(real)[changed]).mean())
 
     def to_json(self) -> dict:
-        return {"num_real": self.num_real, "num_latent": self.num_latent, "tokens": self.tokens.tolist(),
+        return {**({"key_model": self.key_model.config} if self.key_model is not None else {}), "num_real": self.num_real, "num_latent": self.num_latent, "tokens": self.tokens.tolist(),
                 "weights": self.weights.tolist(), "bias": self.bias.tolist(), "noop_latent": self.noop_latent,
                 "real_names": self.real_names, "num_labelled": self.num_labelled,
                 "no_effect_real": self.no_effect_real}
 
     @classmethod
-    def from_json(cls, d: dict) -> "ActionAdapter":
-        return cls(d["num_real"], d["num_latent"], d["tokens"], d["weights"], d["bias"], d["noop_latent"],
-                   d.get("real_names"), d.get("num_labelled", 0), d.get("no_effect_real"))
+    def from_json(cls, d: dict, key_model_state: dict | None = None) -> "ActionAdapter":
+        """``key_model_state``: the KeyToLatent weights (``action_adapter.safetensors``) when ``d`` names one."""
+        adapter = cls(d["num_real"], d["num_latent"], d["tokens"], d["weights"], d["bias"], d["noop_latent"],
+                      d.get("real_names"), d.get("num_labelled", 0), d.get("no_effect_real"))
+        if "key_model" in d:
+            from .key_to_latent import KeyToLatent
+
+            if key_model_state is None:
+                raise ValueError("the adapter names a key model but its weights were not given")
+            adapter.key_model = KeyToLatent(**d["key_model"])
+            adapter.key_model.load_state_dict(key_model_state, strict=True)
+            adapter.key_model.eval()
+        return adapter

@@ -6,6 +6,7 @@ metrics and provenance, under a schema version.
     RUN/<part>.safetensors       tokenizer, latent_actions, dynamics, reward_head, prompt_prior
     RUN/vocab.json               mission/prompt vocabulary
     RUN/action_adapter.json      real <-> latent action table
+    RUN/action_adapter.safetensors  the adapter's key -> latent model (when action_adapter.json names one)
     RUN/metrics.json             the evaluation table
     RUN/level_constraints.json   facts real first frames obey (optional; see level_constraints.py)
 
@@ -111,6 +112,38 @@ class WorldBundle:
         return h.hexdigest()[:16]
 
 
+ADAPTER_WEIGHTS = "action_adapter.safetensors"
+
+
+def save_adapter(run: Path, adapter: ActionAdapter) -> None:
+    """action_adapter.json, and its key model's weights beside it, each written atomically."""
+    run = Path(run)
+    if adapter.key_model is not None:
+        state = {k: v.detach().cpu().contiguous() for k, v in adapter.key_model.state_dict().items()}
+        write_file_atomic(run / ADAPTER_WEIGHTS, lambda p: save_file(state, str(p)))
+    write_json_atomic(run / "action_adapter.json", adapter.to_json())
+
+
+def _load_adapter(path: Path) -> ActionAdapter:
+    try:
+        d = json.loads(path.read_text())
+    except ValueError as e:
+        raise BundleError(path, f"not valid JSON ({e})") from e
+    state = None
+    if "key_model" in d:
+        weights = path.parent / ADAPTER_WEIGHTS
+        if not weights.exists():
+            raise BundleError(weights, "does not exist, but action_adapter.json names a key model")
+        try:
+            state = load_file(str(weights))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types
+            raise BundleError(weights, f"cannot be read as safetensors ({e})") from e
+    try:
+        return ActionAdapter.from_json(d, state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise BundleError(path, f"not a valid action adapter ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
 def load_bundle(run, parts=PART_NAMES, device: str | torch.device = "cpu", verify_hashes: bool = True) -> WorldBundle:
     run = Path(run)
     meta_path = run / "bundle.json"
@@ -140,7 +173,7 @@ def load_bundle(run, parts=PART_NAMES, device: str | torch.device = "cpu", verif
         raise BundleError(cfg_path, f"invalid config: {e}") from e
     vocab = Vocabulary.from_json(json.loads((run / "vocab.json").read_text())) if (run / "vocab.json").exists() else None
     adapter_path = run / "action_adapter.json"
-    adapter = ActionAdapter.from_json(json.loads(adapter_path.read_text())) if adapter_path.exists() else None
+    adapter = _load_adapter(adapter_path) if adapter_path.exists() else None
     bundle = WorldBundle(run, cfg, vocab, adapter, meta=meta)
     if (run / "metrics.json").exists():
         bundle.metrics = json.loads((run / "metrics.json").read_text())

@@ -37,6 +37,8 @@ class WorldModelConfig:
     tok_enc_blocks: int = _f(2, "tokenizer encoder ST blocks")
     tok_dec_blocks: int = _f(2, "tokenizer decoder ST blocks")
     fsq_levels: str = _f("8,5,5,5", "FSQ levels per channel (codebook = product)")
+    tok_per_patch: bool = _f(False, "encode and decode each patch alone (MLPs): equal patches get equal tokens, so "
+                                    "in a grid game with one tile per patch the token grid is the game state")
     tok_change_weight: float = _f(10.0, "tokenizer loss weight on pixels that change between the clip's frames "
                                         "(what actions change; 1 = plain MSE)")
     # latent action model
@@ -48,11 +50,15 @@ class WorldModelConfig:
     lam_entropy_weight: float = _f(0.05, "bonus on the entropy of the batch-mean latent-action distribution")
     lam_sample_entropy_weight: float = _f(0.005, "penalty on per-sample latent-action entropy")
     lam_change_weight: float = _f(100.0, "loss weight on pixels that change between frames")
+    lam_noop_latent: bool = _f(False, "reserve the last latent action for transitions whose frames are identical "
+                                      "(no other latent may mean 'nothing changed')")
     lam_gumbel: bool = _f(True, "Gumbel-noised latent choices while training (lets merged actions split)")
     # dynamics
     dyn_width: int = _f(64, "dynamics width")
     dyn_heads: int = _f(4, "dynamics heads")
     dyn_blocks: int = _f(4, "dynamics ST blocks")
+    dyn_change_weight: float = _f(1.0, "dynamics loss weight on tokens that differ from the previous frame (what the "
+                                       "actions do; 1 = every token alike)")
     dyn_spatial_rope: bool = _f(True, "2-D rotary positions in the dynamics' spatial attention")
     maskgit_steps: int = _f(8, "MaskGIT decoding steps per generated frame")
     maskgit_temperature: float = _f(0.0, "MaskGIT sampling temperature for world steps (0 = greedy; games are near-deterministic)")
@@ -64,11 +70,17 @@ class WorldModelConfig:
     text_max_len: int = _f(16, "max words in a mission/prompt")
     head_width: int = _f(64, "reward/termination head width")
     head_heads: int = _f(4, "reward/termination head: mission-encoder heads")
+    head_term_pos_weight: float = _f(5.0, "termination loss weight on terminal transitions (> 1 favours recall over "
+                                          "false terminations)")
     head_blocks: int = _f(3, "reward/termination head: mission-conditioned 3x3 conv blocks over the token grid")
     prior_width: int = _f(64, "prompt prior width")
     prior_heads: int = _f(4, "prompt prior heads")
     prior_blocks: int = _f(3, "prompt prior blocks")
     prior_maskgit_steps: int = _f(8, "MaskGIT steps when generating a first frame from a prompt")
+    prior_text_dropout: float = _f(0.0, "share of prompt-prior training frames whose text is dropped (classifier-free "
+                                        "guidance needs it)")
+    prior_guidance: float = _f(0.0, "classifier-free guidance scale when generating levels from a prompt (0 = none; "
+                                    "> 0 needs prior_text_dropout > 0 in training)")
     prior_temperature: float = _f(1.0, "MaskGIT temperature for prompt levels (> 0: one prompt, many levels)")
     # optimisation
     tok_batch: int = _f(16, "tokenizer clips per step (per worker)")
@@ -91,7 +103,14 @@ class WorldModelConfig:
     image_every: int = _f(400, "steps between image grids in TensorBoard/wandb")
     # evaluation
     eval_clips: int = _f(128, "held-out clips per metric")
-    adapter_transitions: int = _f(200, "labelled transitions used to fit the action adapter")
+    eval_fidelity_episodes: int = _f(128, "held-out real episodes the fidelity report replays in a World (0: none)")
+    eval_prompt_levels: int = _f(256, "levels generated per prompt to check that they show what it names (BabyAI; "
+                                      "0: none)")
+    adapter_transitions: int = _f(200, "labelled transitions used to fit the action adapter's latent -> key model")
+    adapter_key_transitions: int = _f(0, "labelled transitions that train the adapter's key -> latent model "
+                                         "(KeyToLatent, reads the token grid; 0 = none: keys take the latent under "
+                                         "which they are most probable)")
+    adapter_key_steps: int = _f(1000, "training steps of the adapter's key -> latent model")
     # runtime
     threads: int = _f(0, "torch CPU threads per worker (0: all cores)")
     bf16: bool = _f(True, "bf16 autocast on GPU (ignored on CPU)")
@@ -148,10 +167,14 @@ class WorldModelConfig:
 FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "tok_change_weight": (0.0, math.inf, False),
     "lam_change_weight": (0.0, math.inf, True),
+    "dyn_change_weight": (0.0, math.inf, False),
     "lam_entropy_weight": (0.0, math.inf, True),
     "lam_sample_entropy_weight": (0.0, math.inf, True),
     "maskgit_temperature": (0.0, math.inf, True),
     "prior_temperature": (0.0, math.inf, True),
+    "prior_text_dropout": (0.0, 1.0, True),
+    "head_term_pos_weight": (0.0, math.inf, False),
+    "prior_guidance": (0.0, math.inf, True),
     "lr": (0.0, math.inf, False),
     "min_lr_ratio": (0.0, 1.0, True),
     "weight_decay": (0.0, math.inf, True),
@@ -174,13 +197,20 @@ PRESETS: dict[str, dict] = {
     # can end in, 4 step directions, pick up / drop / toggle), and with 8 the LAM must merge two of them;
     # which two depended on the training run (action mapping 97% or 85%, BENCHMARKS.md). 2 dynamics
     # blocks: the World steps 1.5x faster than with 4 (BENCHMARKS.md), still well above copy-last.
-    "tiny": dict(num_latent_actions=12, dyn_blocks=2),
+    # Per-patch tokenizer: one BabyAI tile = one patch = one token, so the token grid is the game state and
+    # imagined frames read back exactly (fidelity, BENCHMARKS.md); it needs more, cheaper steps than the ST
+    # encoder. The no-op latent, the key -> latent model, the head's weighting and the prior's guidance
+    # each fixed one measured fault of imagined episodes (genie_world/fidelity.py; BENCHMARKS.md).
+    "tiny": dict(num_latent_actions=12, dyn_blocks=2, dyn_steps=1600, tok_per_patch=True, tok_steps=1200, tok_batch=32,
+                 lam_noop_latent=True, adapter_key_transitions=30_000, head_term_pos_weight=1.0, head_steps=1500,
+                 prior_text_dropout=0.1, prior_guidance=4.0, prior_steps=1000),
     "micro": dict(tok_width=32, tok_enc_blocks=1, tok_dec_blocks=1, lam_width=32, lam_enc_blocks=1,
                   lam_dec_blocks=1, dyn_width=32, dyn_blocks=2, head_width=32, head_blocks=1, prior_width=32,
                   prior_blocks=1, tok_batch=4, lam_batch=4, dyn_batch=4, head_batch=8,
                   prior_batch=8, tok_steps=20, lam_steps=20, dyn_steps=20, head_steps=10,
                   prior_steps=10, log_every=5, checkpoint_every=10, image_every=10, eval_clips=16,
-                  maskgit_steps=4, prior_maskgit_steps=4, shuffle_buffer=32, warmup_steps=5),
+                  maskgit_steps=4, prior_maskgit_steps=4, shuffle_buffer=32, warmup_steps=5, adapter_key_steps=20,
+                  eval_fidelity_episodes=8, eval_prompt_levels=16),
     "base": dict(patch=4, tok_clip_len=4, lam_clip_len=4, dyn_clip_len=16, tok_width=256, tok_heads=8, tok_enc_blocks=4,
                  tok_dec_blocks=4, lam_width=256, lam_heads=8, lam_enc_blocks=4, lam_dec_blocks=4,
                  dyn_width=512, dyn_heads=8, dyn_blocks=12, head_width=128, prior_width=256, prior_heads=8,

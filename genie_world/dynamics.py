@@ -40,26 +40,29 @@ class DynamicsModel(nn.Module):
         self.transformer = STTransformer(width, heads, depth, qk_norm, spatial_rope)
         self.head = nn.Linear(width, vocab_size)
 
-    def _cond(self, actions: torch.Tensor, with_first: bool) -> torch.Tensor:
-        if with_first:
-            none = torch.full_like(actions[:, :1], self.num_actions)
-            actions = torch.cat([none, actions], dim=1)  # [B, T]
-        return self.action_embed(actions)
+    def _cond(self, actions: torch.Tensor, first_actions: torch.Tensor | None = None) -> torch.Tensor:
+        """actions [B, T-1] between the frames, ``first_actions`` [B] into frame 0 (None: "no action", the
+        episode starts there) -> action conditioning [B, T, D]."""
+        first = torch.full_like(actions[:, :1], self.num_actions) if first_actions is None else first_actions[:, None]
+        return self.action_embed(torch.cat([first, actions], dim=1))  # [B, T, D]
 
-    def hidden(self, ids: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def hidden(self, ids: torch.Tensor, actions: torch.Tensor, first_actions: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, T, P] (mask_id where masked), actions [B, T-1] -> final hidden states [B, T, P, D]."""
-        return self.transformer(self.tok_embed(ids) + self.pos, cond=self._cond(actions, True))
+        return self.transformer(self.tok_embed(ids) + self.pos, cond=self._cond(actions, first_actions))
 
-    def forward(self, ids: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, actions: torch.Tensor, first_actions: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, T, P] (mask_id where masked), actions [B, T-1] -> logits [B, T, P, V]."""
-        return self.head(self.hidden(ids, actions))
+        return self.head(self.hidden(ids, actions, first_actions))
 
-    def loss(self, ids: torch.Tensor, actions: torch.Tensor, generator=None) -> tuple[torch.Tensor, dict]:
+    def loss(self, ids: torch.Tensor, actions: torch.Tensor, generator=None,
+             first_actions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """``first_actions`` [B]: the latent that led into each clip's first frame (``num_actions`` where the
+        clip starts its episode; None: all do)."""
         b, t, p = ids.shape
         mask = random_mask((b, t, p), self.mask_low, self.mask_high, generator, ids.device)
         mask[:, 0] = False  # frame 0 is always given (the prompt / the real first frame)
         # The loss reads only masked positions: the codebook head runs on those rows alone.
-        logits = self.head(self.hidden(torch.where(mask, self.mask_id, ids), actions)[mask])  # [M, V]
+        logits = self.head(self.hidden(torch.where(mask, self.mask_id, ids), actions, first_actions)[mask])  # [M, V]
         target = ids[mask]
         # Most tokens never change (floor, walls); weighting the ones that did change from the
         # previous frame spends the model's capacity on what the actions do.
@@ -116,10 +119,11 @@ class DynamicsModel(nn.Module):
     @torch.no_grad()
     def rollout(self, first_ids: torch.Tensor, actions: torch.Tensor, steps: int, temperature: float,
                 schedule: str = "cosine", generator: torch.Generator | None = None,
-                context_frames: int | None = None) -> torch.Tensor:
-        """From frame-0 ids [B, P], generate one frame per latent action [B, H]; -> ids [B, H+1, P]."""
+                context_frames: int | None = None, first_actions: torch.Tensor | None = None) -> torch.Tensor:
+        """From frame-0 ids [B, P], generate one frame per latent action [B, H]; -> ids [B, H+1, P].
+        ``first_actions`` [B]: the latent that led into the first frame (None: the episode starts there)."""
         cache = self.new_cache(context_frames)
-        self.prime(cache, first_ids[:, None], None)
+        self.prime(cache, first_ids[:, None], None if first_actions is None else first_actions[:, None])
         out = [first_ids]
         for t in range(actions.shape[1]):
             out.append(self.generate_next(cache, actions[:, t], steps, temperature, schedule, generator))

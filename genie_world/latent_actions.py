@@ -12,6 +12,11 @@ Guard against collapse: a bonus on the entropy of the batch-mean action distribu
 actions), a small penalty on per-sample entropy (be decisive), and Gumbel-noised choices during
 training; usage is reported. Changed pixels get ``change_weight`` times the loss: the action is
 only visible in the few pixels it changes.
+
+``noop_latent``: the last latent is reserved for transitions whose frames are identical, and only
+they get it. Without it the LAM let one latent mean both "nothing changed" and an effect that leaves
+some states unchanged (on the tiny run, "now faces west" also labelled every no-op of an agent facing
+north), so a no-op key made the imagined agent turn in 1 of 4 such steps.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ class LatentActionModel(nn.Module):
     def __init__(self, frame_size: int, patch: int, width: int, heads: int, enc_blocks: int, dec_blocks: int,
                  num_actions: int = 8, qk_norm: bool = False, entropy_weight: float = 0.05,
                  change_weight: float = 100.0, sample_entropy_weight: float = 0.005, gumbel: bool = True,
-                 context: int = 2):
+                 context: int = 2, noop_latent: bool = False):
         super().__init__()
+        self.noop = num_actions - 1 if noop_latent else None  # the latent of unchanged transitions
         self.context = context  # frames per window the encoder is trained (and so must infer) on
         self.frame_size, self.patch, self.num_actions = frame_size, patch, num_actions
         self.entropy_weight, self.change_weight = entropy_weight, change_weight
@@ -54,7 +60,14 @@ class LatentActionModel(nn.Module):
         delta = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
         h = self.encoder(self.enc_embed(torch.cat([x, delta], -1)) + self.enc_pos)  # [B, T, P, D]
         h = h[:, 1:]  # outputs at t+1 describe the transition t -> t+1
-        return self.to_logits(torch.cat([h.mean(dim=2), h.amax(dim=2)], -1))  # [B, T-1, A]
+        logits = self.to_logits(torch.cat([h.mean(dim=2), h.amax(dim=2)], -1))  # [B, T-1, A]
+        if self.noop is None:
+            return logits
+        same = (frames[:, 1:] == frames[:, :-1]).flatten(2).all(-1)  # [B, T-1] nothing changed
+        allowed = torch.zeros_like(logits, dtype=torch.bool)
+        allowed[..., self.noop] = True
+        allowed = torch.where(same[..., None], allowed, ~allowed)  # unchanged: only the no-op; changed: any other
+        return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
 
     @torch.no_grad()
     def infer(self, frames: torch.Tensor) -> torch.Tensor:

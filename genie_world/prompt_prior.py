@@ -2,6 +2,11 @@
 
 Trained on (mission or caption, first frame) pairs, so one sentence yields many distinct plausible
 levels: the seed drives sampling and the confidence noise.
+
+Classifier-free guidance (as in Muse): training replaces the text by the empty text for a share
+``text_dropout`` of the frames, so one model learns p(frame | text) and p(frame); generation sharpens
+each round's logits towards what the text adds, ``cond + guidance * (cond - uncond)``. Without it,
+levels from "go to the red ball" showed a red ball 14% of the time on the tiny run (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from .text_frame_encoder import TextFrameEncoder
 
 class PromptPrior(nn.Module):
     def __init__(self, text_vocab: int, max_text_len: int, vocab_size: int, num_patches: int, width: int,
-                 heads: int, depth: int):
+                 heads: int, depth: int, text_dropout: float = 0.0, guidance: float = 0.0):
         super().__init__()
         self.vocab_size, self.num_patches = vocab_size, num_patches
+        self.text_dropout, self.guidance = text_dropout, guidance
         self.mask_id = vocab_size
         self.encoder = TextFrameEncoder(text_vocab, max_text_len, vocab_size, num_patches, width, heads, depth,
                                         extra_tokens=1)
@@ -31,14 +37,25 @@ class PromptPrior(nn.Module):
         return self.head(h)  # [B, P, V]
 
     def loss(self, text_ids, frame_ids, generator=None) -> tuple[torch.Tensor, dict]:
+        if self.text_dropout > 0:
+            drop = torch.rand(text_ids.shape[0], generator=generator, device=text_ids.device) < self.text_dropout
+            text_ids = torch.where(drop[:, None], torch.zeros_like(text_ids), text_ids)  # id 0 = padding: no text
         mask = random_mask(frame_ids.shape, 0.0, 1.0, generator, frame_ids.device)
         logits = self(text_ids, torch.where(mask, self.mask_id, frame_ids))
         loss = F.cross_entropy(logits[mask], frame_ids[mask])
         acc = (logits[mask].argmax(-1) == frame_ids[mask]).float().mean()
         return loss, {"loss": _item(loss), "masked_token_acc": _item(acc)}
 
+    def guided_logits(self, text_ids: torch.Tensor, frame_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, P, V] with classifier-free guidance (plain conditional logits when guidance is 0)."""
+        if self.guidance <= 0:
+            return self(text_ids, frame_ids)
+        both = self(torch.cat([text_ids, torch.zeros_like(text_ids)]), torch.cat([frame_ids, frame_ids]))
+        cond, uncond = both.chunk(2)
+        return cond + self.guidance * (cond - uncond)
+
     @torch.no_grad()
     def generate(self, text_ids: torch.Tensor, steps: int, temperature: float, schedule: str = "cosine",
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        return maskgit_decode(lambda ids: self(text_ids, ids), text_ids.shape[0], self.num_patches, self.mask_id,
-                              steps, temperature, schedule, generator, text_ids.device)
+        return maskgit_decode(lambda ids: self.guided_logits(text_ids, ids), text_ids.shape[0], self.num_patches,
+                              self.mask_id, steps, temperature, schedule, generator, text_ids.device)

@@ -41,6 +41,9 @@ def test_numpy_clips_are_aligned_triples(babyai_mixed_data):
             np.testing.assert_array_equal(clip["frames"][t + 1], ep["frames"][s + t + 1])
             assert clip["rewards"][t] == ep["rewards"][s + t]
         assert clip["mission"] == r["mission"]
+        # The frame before the clip (the action into its first frame comes from it); the first frame itself
+        # when the clip starts its episode.
+        np.testing.assert_array_equal(clip["previous_frame"], ep["frames"][max(s - 1, 0)])
     reader.close()
 
 
@@ -75,6 +78,7 @@ def test_ray_data_clips_equal_numpy_clips(babyai_mixed_data):
         np.testing.assert_array_equal(r["frames"], c["frames"])
         np.testing.assert_array_equal(r["actions"], c["actions"])
         np.testing.assert_array_equal(r["rewards"], c["rewards"])
+        np.testing.assert_array_equal(r["previous_frame"], c["previous_frame"])
         assert r["mission"] == c["mission"]
 
 

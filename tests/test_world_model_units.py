@@ -406,3 +406,82 @@ def test_rewound_kv_cache_regenerates_the_same_frame():
     cache.next_pos -= 2
     again = [dyn.generate_next(cache, actions[:, t], steps=3, temperature=0.0) for t in (2, 3)]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_per_patch_tokenizer_gives_equal_patches_equal_tokens_in_any_context():
+    torch.manual_seed(0)
+    tok = VideoTokenizer(32, 8, 16, 2, 1, 1, "8,5,5,5", per_patch=True).eval()
+    a = torch.randint(0, 256, (1, 1, 32, 32, 3), dtype=torch.uint8)
+    b = torch.randint(0, 256, (1, 1, 32, 32, 3), dtype=torch.uint8)
+    b[..., :8, :8, :] = a[..., :8, :8, :]  # the same top-left patch, different everything else
+    clip = torch.cat([b, a], 1)  # and a clip: no temporal context either
+    with torch.no_grad():
+        ia, ib, ic = tok.encode(a)[1], tok.encode(b)[1], tok.encode(clip)[1]
+    assert ia[0, 0, 0] == ib[0, 0, 0] == ic[0, 1, 0] == ic[0, 0, 0]
+    assert torch.equal(ic[0, 1], ia[0, 0])
+    # The slot-cache decode (the World's) equals the plain decode.
+    cache = tok.new_slot_cache(1, 1)
+    with torch.no_grad():
+        assert torch.allclose(tok.decode_slots(ia[:, 0], cache), tok.decode(ia)[:, 0])
+
+
+def test_dynamics_conditions_the_first_frame_on_the_action_into_it():
+    torch.manual_seed(0)
+    dyn = DynamicsModel(vocab_size=16, num_patches=4, num_actions=3, width=16, heads=2, depth=1).eval()
+    ids = torch.randint(0, 16, (2, 3, 4))
+    actions = torch.randint(0, 3, (2, 2))
+    with torch.no_grad():
+        start = dyn(ids, actions)  # the clip starts an episode: "no action" into frame 0
+        same = dyn(ids, actions, first_actions=torch.full((2,), 3))
+        mid = dyn(ids, actions, first_actions=torch.tensor([0, 1]))
+    assert torch.equal(start, same)
+    assert not torch.allclose(start[:, 1:], mid[:, 1:])  # later frames see how frame 0 was reached
+
+
+def test_clip_first_actions_reads_the_action_into_mid_episode_clips():
+    from pipelines.pretrain_stages import clip_first_actions
+
+    class PairLAM:  # latent = mean pixel of the second frame of each pair
+        def infer(self, frames):
+            return frames[:, 1:].float().mean(dim=(2, 3, 4)).long()
+
+    frames = torch.stack([torch.full((2, 4, 4, 3), v, dtype=torch.uint8) for v in (1, 2, 3)])  # [3, 2, 4, 4, 3]
+    batch = {"frames": frames, "previous_frame": frames[:, 0], "start": torch.tensor([0, 5, 1])}
+    assert clip_first_actions(PairLAM(), batch, no_action=9).tolist() == [9, 2, 3]
+    assert clip_first_actions(PairLAM(), {"frames": frames}, no_action=9) is None
+
+
+def test_prompt_prior_guidance_and_text_dropout():
+    torch.manual_seed(0)
+    prior = PromptPrior(text_vocab=6, max_text_len=4, vocab_size=8, num_patches=4, width=16, heads=2, depth=1,
+                        text_dropout=1.0, guidance=1.5).eval()
+    text, other = torch.tensor([[1, 2, 3, 0]]), torch.tensor([[4, 5, 0, 0]])
+    frame = torch.full((1, 4), 8)  # all masked
+    ids = torch.randint(0, 8, (1, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cond, uncond = prior(text, frame), prior(torch.zeros_like(text), frame)
+        assert torch.allclose(prior.guided_logits(text, frame), cond + 1.5 * (cond - uncond), atol=1e-5)
+        # Every text dropped: the loss cannot depend on it ...
+        a = prior.loss(text, ids, torch.Generator().manual_seed(3))[0]
+        b = prior.loss(other, ids, torch.Generator().manual_seed(3))[0]
+        assert torch.equal(a, b)
+        prior.text_dropout = 0.0  # ... and without dropout it does.
+        a = prior.loss(text, ids, torch.Generator().manual_seed(3))[0]
+        b = prior.loss(other, ids, torch.Generator().manual_seed(3))[0]
+        assert not torch.equal(a, b)
+        prior.guidance = 0.0
+        assert torch.equal(prior.guided_logits(text, frame), cond)
+
+
+def test_noop_latent_is_exactly_the_unchanged_transitions():
+    torch.manual_seed(0)
+    lam = LatentActionModel(16, 8, 16, 2, 1, 1, num_actions=4, noop_latent=True)
+    frames = torch.randint(0, 256, (6, 3, 16, 16, 3), dtype=torch.uint8)
+    frames[:3, 1] = frames[:3, 0]  # transition 0 unchanged in the first three clips
+    frames[1:4, 2] = frames[1:4, 1]  # transition 1 unchanged in clips 1-3
+    same = (frames[:, 1:] == frames[:, :-1]).flatten(2).all(-1)
+    with torch.no_grad():
+        got = lam.infer(frames)
+    assert torch.equal(got == 3, same)
+    loss, metrics = lam.loss(frames)  # trains with the same rule (finite, no -inf leaking into the loss)
+    assert torch.isfinite(loss)

@@ -18,8 +18,11 @@ from ..errors import ConfigError
 from .clip_index import ClipRef, build_clip_index
 from .shard_format import open_shard, read_episode_arrays, validate_shard
 
-CLIP_COLUMNS = ("frames", "actions", "rewards", "terminated", "truncated", "mission", "episode_key", "start")
-TENSOR_COLUMNS = ("frames", "actions", "rewards", "terminated", "truncated", "start")
+# previous_frame: the frame before the clip's first one (the first one itself when the clip starts its
+# episode, i.e. start == 0): what the dynamics needs to know the action that led into the clip.
+CLIP_COLUMNS = ("frames", "actions", "rewards", "terminated", "truncated", "mission", "episode_key", "start",
+                "previous_frame")
+TENSOR_COLUMNS = ("frames", "actions", "rewards", "terminated", "truncated", "start", "previous_frame")
 
 
 def _read_clips(data_dir: str, shard: str, refs: list[ClipRef], clip_len: int, rows_per_block: int):
@@ -30,7 +33,7 @@ def _read_clips(data_dir: str, shard: str, refs: list[ClipRef], clip_len: int, r
     rows: dict[str, list] = {c: [] for c in CLIP_COLUMNS}
 
     def flush():
-        batch = {c: np.stack(rows[c]) if c in ("frames", "actions", "rewards", "terminated", "truncated")
+        batch = {c: np.stack(rows[c]) if c in ("frames", "actions", "rewards", "terminated", "truncated", "previous_frame")
                  else np.asarray(rows[c]) for c in CLIP_COLUMNS}
         for c in CLIP_COLUMNS:
             rows[c].clear()
@@ -47,6 +50,7 @@ def _read_clips(data_dir: str, shard: str, refs: list[ClipRef], clip_len: int, r
                 rows["mission"].append(ep["mission"])
                 rows["episode_key"].append(key)
                 rows["start"].append(s)
+                rows["previous_frame"].append(ep["frames"][max(s - 1, 0)])
                 if len(rows["start"]) >= rows_per_block:
                     yield flush()
     if rows["start"]:
@@ -68,7 +72,7 @@ class ClipDatasource(Datasource):
 
     def _row_bytes(self) -> int:
         fs = self.frame_size
-        return self.clip_len * fs * fs * 3 + (self.clip_len - 1) * 14 + 64
+        return (self.clip_len + 1) * fs * fs * 3 + (self.clip_len - 1) * 14 + 64
 
     def estimate_inmemory_data_size(self) -> int:
         return len(self.refs) * self._row_bytes()

@@ -14,7 +14,8 @@ class ClipReader:
     """Random access to clips; each item is a dict of numpy arrays.
 
     ``frames`` [T, H, W, 3] uint8, ``actions``/``rewards``/``terminated``/``truncated`` [T-1]
-    (entry t takes frame t to t+1), ``mission`` str, ``episode_key`` str, ``start`` int.
+    (entry t takes frame t to t+1), ``mission`` str, ``episode_key`` str, ``start`` int,
+    ``previous_frame`` [H, W, 3] (the frame before the clip; its first frame when ``start`` is 0).
     """
 
     def __init__(self, data_dir, clip_len: int, split: str | None = "train", stride: int = 1, first_only: bool = False):
@@ -36,7 +37,12 @@ class ClipReader:
     def __getitem__(self, i: int) -> dict:
         ref = self.refs[i]
         path = self.data_dir / ref.shard
-        clip = read_episode_arrays(self._file(ref.shard), ref.episode_key, ref.start, ref.start + self.clip_len, path=path)
+        lo = max(ref.start - 1, 0)  # one frame more: the frame before the clip (see CLIP_COLUMNS)
+        clip = read_episode_arrays(self._file(ref.shard), ref.episode_key, lo, ref.start + self.clip_len, path=path)
+        clip["previous_frame"] = clip["frames"][0]
+        if lo < ref.start:
+            clip = {k: (v[1:] if k in ("frames", "actions", "rewards", "terminated", "truncated") else v)
+                    for k, v in clip.items()}
         clip["episode_key"] = ref.episode_key
         clip["start"] = ref.start
         return clip
