@@ -53,6 +53,8 @@ def generate(cfg: GenerateConfig) -> dict:
     from genie_world.world import World
     from genie_world.world_builder import WorldBuilder
 
+    from .prompt_faithfulness import is_babyai, prompt_faithfulness
+
     if not cfg.bundle or not cfg.out:
         raise ConfigError("--bundle and --out are required")
     if (cfg.prompt is None) == (cfg.image is None):
@@ -69,6 +71,9 @@ def generate(cfg: GenerateConfig) -> dict:
     save_config(cfg, out.with_name(out.name + ".config.json"), bundle_fingerprint=bundle.fingerprint)
     result = {"levels": str(out), "num_worlds": len(levels), "distinct_levels": levels.distinct(),
               "bundle_fingerprint": bundle.fingerprint}
+    if cfg.prompt is not None and is_babyai(bundle):
+        # Share of these levels that show what the prompt names and exactly one agent (read tile by tile).
+        result["prompt_faithful"] = round(prompt_faithfulness(bundle, cfg.prompt, levels=levels)["faithful"], 4)
     if cfg.grid:
         with torch.no_grad():
             first = bundle.tokenizer.decode(torch.as_tensor(levels.first_tokens)[:, None])[:, 0]

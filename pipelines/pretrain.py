@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from genie_world.bundle import load_bundle, read_bundle_meta, save_json, update_bundle_meta
+from genie_world.bundle import load_bundle, read_bundle_meta, save_adapter, save_json, update_bundle_meta
 from genie_world.config import PRESETS, STAGES, WorldConfigError, WorldModelConfig, resolve_config
 from genie_world.text_encoder import Vocabulary
 
@@ -28,13 +28,13 @@ from .data.clip_datasource import clip_dataset
 from .data.manifest import MANIFEST_NAME, read_manifest
 from .data.shard_format import validate_shard
 from .errors import ConfigError
-from .pretrain_stages import STAGE_PARTS, stage_data
+from .pretrain_stages import DYNAMICS_COLUMNS, STAGE_COLUMNS, STAGE_PARTS, stage_data
 from .ray_runtime import ensure_ray, software_versions
 from .run_logger import WANDB_MODES
 
 STAGE_CHOICES = STAGES + ("all",)
 # Config fields that may differ when resuming a run (they do not change what is learned).
-RESUMABLE_FIELDS = ("threads", "log_every", "image_every", "eval_clips")
+RESUMABLE_FIELDS = ("threads", "log_every", "image_every", "eval_clips", "eval_fidelity_episodes", "eval_prompt_levels")
 
 
 @dataclass
@@ -71,8 +71,10 @@ def _check_resume(run: Path, cfg: WorldModelConfig, data_sha: str) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
-    diffs = [f"{k}: {old['config'].get(k)!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
-             if k not in RESUMABLE_FIELDS and old["config"].get(k) != v]
+    # A field the old run's config lacks was added later; it reads as its default (as load_bundle reads it).
+    defaults = dataclasses.asdict(WorldModelConfig())
+    diffs = [f"{k}: {old['config'].get(k, defaults[k])!r} -> {v!r}" for k, v in dataclasses.asdict(cfg).items()
+             if k not in RESUMABLE_FIELDS and old["config"].get(k, defaults[k]) != v]
     if old.get("data_manifest_sha256") not in (None, data_sha):
         diffs.append("the --data manifest changed")
     if diffs:
@@ -97,7 +99,7 @@ def _run_stage(stage: str, args: PretrainArgs, cfg: WorldModelConfig, run: Path,
 
     sd = stage_data(stage, cfg)
     ds = clip_dataset(args.data, sd.clip_len, split="train", first_only=sd.first_only,
-                      columns=["frames", "actions", "rewards", "terminated", "mission"])
+                      columns=DYNAMICS_COLUMNS if stage == "dynamics" else STAGE_COLUMNS)
     # On a small CPU node whole-CPU workers starve Ray Data's read tasks and the run hangs.
     resources = {"CPU": 1, "GPU": 1} if args.gpu else {"CPU": 0.5}
     # Blocks in read order, not completion order: the batch sequence is then a function of the seed, which
@@ -171,6 +173,12 @@ def pretrain(args: PretrainArgs, overrides: dict | None = None, log=None) -> dic
 
         constraints, constraint_metrics = fit_level_constraints(bundle, data)
         metrics.update(constraint_metrics)
+        if adapter is not None and {"dynamics", "reward_head"} <= set(bundle.parts):
+            # The World the fidelity report replays in uses the adapter and constraints just fitted.
+            bundle.adapter, bundle.constraints = adapter, constraints
+            from .pretrain_eval import simulator_metrics
+
+            metrics.update(simulator_metrics(bundle, data, facts["source"], cfg.seed))
     finally:
         if started:
             import ray
@@ -178,7 +186,7 @@ def pretrain(args: PretrainArgs, overrides: dict | None = None, log=None) -> dic
             ray.shutdown()
     metrics["wall_clock_s"] = round(time.perf_counter() - t0, 1)
     if adapter is not None:
-        save_json(run, "action_adapter.json", adapter.to_json())
+        save_adapter(run, adapter)
     if constraints is not None:
         from genie_world.level_constraints import FILE as CONSTRAINTS_FILE
 

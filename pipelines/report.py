@@ -20,18 +20,20 @@ from pathlib import Path
 
 from genie_world.atomic_files import write_bytes_atomic
 
-# The world-model metrics a reader needs first, with the target the world-model issue sets for ``tiny``.
+# The world-model metrics a reader needs first (targets: pipelines/world_targets.py).
 WORLD_ROWS = [
-    ("tokenizer_psnr_db", "tokenizer PSNR (dB)", ">= 35"),
-    ("next_frame_psnr_db", "next-frame PSNR (dB)", "> copy-last"),
-    ("copy_last_psnr_db", "copy-last-frame baseline PSNR (dB)", ""),
-    ("dt_psnr_t4_db", "dtPSNR at t=4 (dB)", "> 1"),
-    ("action_mapping_accuracy", "latent -> real action mapping accuracy", ">= 0.90"),
-    ("adapter_labelled_transitions", "labelled transitions used by the adapter", "<= 200"),
-    ("termination_balanced_accuracy", "termination head balanced accuracy", ""),
-    ("reward_mae", "reward head MAE", ""),
-    ("prior_distinct_levels_of_8", "distinct levels of 8 from one prompt", ""),
-    ("wall_clock_s", "pretraining wall clock (s)", ""),
+    ("tokenizer_psnr_db", "tokenizer PSNR (dB)"),
+    ("next_frame_psnr_db", "next-frame PSNR (dB)"),
+    ("copy_last_psnr_db", "copy-last-frame baseline PSNR (dB)"),
+    ("dt_psnr_t4_db", "dtPSNR at t=4 (dB)"),
+    ("action_mapping_accuracy", "latent -> real action mapping accuracy"),
+    ("adapter_labelled_transitions", "labelled transitions used by the adapter's latent -> key model"),
+    ("key_to_latent_labels", "labelled transitions used by the adapter's key -> latent model"),
+    ("key_to_latent_val_accuracy", "key -> latent model accuracy (held-out transitions)"),
+    ("termination_balanced_accuracy", "termination head balanced accuracy"),
+    ("reward_mae", "reward head MAE"),
+    ("prior_distinct_levels_of_8", "distinct levels of 8 from one prompt"),
+    ("wall_clock_s", "pretraining wall clock (s)"),
 ]
 
 
@@ -95,12 +97,39 @@ def _missing(what: str) -> str:
     return f'<p class="missing">Not run: {html.escape(what)} is missing.</p>'
 
 
+def markdown_to_html(text: str) -> str:
+    """The markdown this project's reports print (paragraphs and pipe tables) as HTML."""
+    out, rows = [], []
+
+    def flush():
+        if rows:
+            cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows if not set(r) <= set("|-: ")]
+            out.append(_table(cells[0], cells[1:]))
+            rows.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            rows.append(line)
+            continue
+        flush()
+        if line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "".join(out)
+
+
 def _section_world(d: Path) -> str:
+    from .fidelity_report import fidelity_table
+    from .world_targets import target_text, verdict
+
     m = _read_json(d / "world" / "metrics.json")
     if m is None:
         return _missing("world/metrics.json")
-    rows = [[label, m.get(key), target] for key, label, target in WORLD_ROWS if key in m]
-    return _table(["metric", "value", "target (tiny preset)"], rows)
+    rows = [[label, m.get(key), target_text(key), verdict(key, m)] for key, label in WORLD_ROWS if key in m]
+    parts = [_table(["metric", "value", "target", "met?"], rows)]
+    if any(k.startswith("fidelity_") for k in m):
+        parts.append("<h3>Does an imagined episode stay the real one?</h3>" + markdown_to_html(fidelity_table(m)))
+    return "".join(parts)
 
 
 def _section_levels(d: Path) -> str:
@@ -113,10 +142,23 @@ def _section_levels(d: Path) -> str:
     if (levels / "grid.png").exists():
         parts.append("<figure>" + _img(levels / "grid.png", "generated levels") +
                      "<figcaption>First frames of the generated levels</figcaption></figure>")
+    parts.append(_prompt_faithfulness(d, prompt))
     if (levels / "rollout.gif").exists():
         parts.append("<figure>" + _img(levels / "rollout.gif", "imagined rollouts", 384) +
                      "<figcaption>Imagined rollouts of those levels</figcaption></figure>")
     return "".join(parts) or _missing("levels/grid.png")
+
+
+def _prompt_faithfulness(d: Path, prompt: str | None) -> str:
+    from .world_targets import PROMPT_PREFIX, target_text, verdict
+
+    m = _read_json(d / "world" / "metrics.json") or {}
+    keys = sorted((k for k in m if k.startswith(PROMPT_PREFIX)), key=lambda k: k != PROMPT_PREFIX + (prompt or ""))
+    if not keys:
+        return ""
+    rows = [[k.removeprefix(PROMPT_PREFIX), f"{100 * m[k]:.1f}%", target_text(k), verdict(k, m)] for k in keys]
+    return ("<p>Levels that show the object their prompt names and exactly one agent (each tile read back against "
+            "the real game's own renderings):</p>" + _table(["prompt", "levels right", "target", "met?"], rows))
 
 
 def _section_bc(d: Path) -> str:
@@ -134,9 +176,14 @@ def _section_ppo(d: Path) -> str:
     xs = [e.get("steps", i) for i, e in enumerate(events)]
     outcome = {"imagined success": [e.get("imagined_success") for e in events],
                "imagined return": [e.get("env_runners/episode_return_mean") for e in events]}
+    if any("real_success" in e for e in events):
+        outcome["real-game success"] = [e.get("real_success") for e in events]
     learning = {"policy entropy": [e.get("learners/default_policy/entropy") for e in events],
                 "value loss": [e.get("learners/default_policy/vf_loss") for e in events]}
-    return ("<p>Imagined episodes that ended (success = ended by predicted termination):</p>" + svg_curve(xs, outcome)
+    real = [(e.get("steps"), e["real_success"], e.get("imagined_success")) for e in events if "real_success" in e]
+    table = _table(["env steps", "real-game success", "imagined success"], [list(r) for r in real]) if real else ""
+    return ("<p>Imagined episodes that ended (success = ended by predicted termination), and the same policy in "
+            "the real game where it was evaluated:</p>" + svg_curve(xs, outcome) + table
             + "<p>The learner, per iteration:</p>" + svg_curve(xs, learning)
             + f"<p>{len(events)} PPO iterations in imagination, {xs[-1] if xs else 0} env steps.</p>")
 
