@@ -84,19 +84,31 @@ class PolicyAgent:
     """The trained RLModule acting on {"image", "mission" tokens} observations."""
 
     def __init__(self, policy: str, greedy: bool, name: str = "policy"):
-        import torch
         from ray.rllib.core.rl_module.rl_module import RLModule
 
         from sima_policy.instruction_tokenizer import InstructionTokenizer
 
         module_dir, tokenizer_json = resolve_policy(policy)
-        self.name, self.path = name, str(module_dir)
-        self.module = RLModule.from_checkpoint(str(module_dir))
+        module = RLModule.from_checkpoint(str(module_dir))
+        self._setup(module, InstructionTokenizer.from_json(json.loads(tokenizer_json.read_text())), greedy, name, 0)
+        self.path = str(module_dir)
+
+    @classmethod
+    def of_module(cls, module, tokenizer, greedy: bool, name: str = "policy", seed: int = 0) -> "PolicyAgent":
+        """An agent around a live module (e.g. a training run's current policy)."""
+        agent = cls.__new__(cls)
+        agent._setup(module, tokenizer, greedy, name, seed)
+        agent.path = ""
+        return agent
+
+    def _setup(self, module, tokenizer, greedy: bool, name: str, seed: int) -> None:
+        import torch
+
+        self.name, self.module, self.tokenizer = name, module, tokenizer
         self.module.eval()
-        self.tokenizer = InstructionTokenizer.from_json(json.loads(tokenizer_json.read_text()))
         self.max_len = int(self.module.observation_space["mission"].shape[0])
         self.greedy, self.torch = greedy, torch
-        self.rng = torch.Generator().manual_seed(0)
+        self.rng = torch.Generator().manual_seed(seed)
 
     def act(self, frames: np.ndarray, missions: list[str]) -> np.ndarray:
         torch = self.torch

@@ -70,6 +70,15 @@ class TrainConfig:
     contrastive_coeff: float = _f(0.1, "gamma: weight of the MoCo-style contrastive loss")
     moco_queue_size: int = _f(1024, "MoCo negatives queue")
     freeze_vision_steps: int = _f(0, "keep the vision encoder frozen for this many gradient steps")
+    reference_kl_coeff: float = _f(0.0, "weight of KL(policy || the --init-policy it started from) in the loss: PPO "
+                                        "improves on a cloned policy instead of drifting from it (0: off)")
+    critic_warmup_steps: int = _f(0, "the first N gradient steps train the value function only (a fresh critic's "
+                                     "noisy advantages otherwise move the policy)")
+    real_eval_level: str = _f("", "a real BabyAI level the policy plays every --real-eval-every iterations and at the "
+                                  "end: its success rate is logged beside imagined success (empty: none)")
+    real_eval_every: int = _f(0, "iterations between real-game evaluations (0: only at the end, when "
+                                 "--real-eval-level is set)")
+    real_eval_episodes: int = _f(50, "real-game episodes per evaluation (sampled actions, fixed level seeds)")
     vision_dim: int = _f(128, "vision embedding size")
     hidden_dim: int = _f(256, "fused policy/value hidden size")
     compile: bool = _f(False, "torch.compile the learner's module (RLlib torch_compile_learner)")
@@ -244,7 +253,8 @@ def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, ser
         register_env("genie-sima-babyai", babyai_env_creator)
         config = config.environment("genie-sima-babyai", env_config={"level": spec.target, "tokenizer": tokenizer_json})
     learner_config = {"language_coeff": cfg.language_coeff, "contrastive_coeff": cfg.contrastive_coeff,
-                      "moco_queue_size": cfg.moco_queue_size, "freeze_vision_steps": cfg.freeze_vision_steps}
+                      "moco_queue_size": cfg.moco_queue_size, "freeze_vision_steps": cfg.freeze_vision_steps,
+                      "reference_kl_coeff": cfg.reference_kl_coeff, "critic_warmup_steps": cfg.critic_warmup_steps}
     if replay is not None:
         config = config.callbacks(replay.feed_callback())
         if cfg.num_learners <= 1:
@@ -305,9 +315,14 @@ def train(cfg: TrainConfig, log=None) -> dict:
     if not cfg.env or not cfg.out:
         raise ConfigError("--env and --out are required")
     for name in ("num_envs", "rollout_steps", "total_timesteps", "num_epochs", "checkpoint_every", "replay_shards",
-                 "world_servers"):
+                 "world_servers", "real_eval_episodes"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("reference_kl_coeff", "critic_warmup_steps", "real_eval_every"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.reference_kl_coeff > 0 and not cfg.init_policy:
+        raise ConfigError("--reference-kl-coeff needs --init-policy (the policy the KL term pulls towards)")
     if cfg.replay_capacity and cfg.replay_capacity < 2 * cfg.replay_shards:
         raise ConfigError(f"--replay-capacity {cfg.replay_capacity}: expected 0 (off) or >= 2 rows per shard "
                           f"({cfg.replay_shards} shards)")
@@ -366,12 +381,15 @@ def train(cfg: TrainConfig, log=None) -> dict:
             elif cfg.init_policy:
                 init_from_policy(algo, cfg.init_policy, tokenizer.to_json())
                 log(f"train: starting from the weights of {cfg.init_policy}")
+            if cfg.reference_kl_coeff > 0:  # also on --resume: the reference is not in the checkpoint
+                set_reference_policy(algo, cfg.init_policy)
             logger = RunLogger(out, "train", {"env": cfg.env, **{k: v for k, v in vars(cfg).items()}}, cfg.wandb)
         except BaseException:
             algo.stop()  # its world server goes with it (a driver joined to a cluster lives on)
             raise
         events = out / "logs"
         events.mkdir(exist_ok=True)
+        real_eval = _real_eval(cfg, tokenizer, log) if cfg.real_eval_level else None
         steps, it, t0, result, sampled_here, idle = 0, algo.iteration, time.perf_counter(), {}, 0, 0
         gauges = _train_gauges()
         ends = [(0, 0)] * len(servers)  # per server: (terminated, truncated) counters at the last iteration
@@ -412,6 +430,9 @@ def train(cfg: TrainConfig, log=None) -> dict:
                 if sum(done):
                     metrics["imagined_success"] = done[0] / sum(done)
                     gauges["success"].set(metrics["imagined_success"])
+                last = steps >= cfg.total_timesteps
+                if real_eval is not None and (last or (cfg.real_eval_every and it % cfg.real_eval_every == 0)):
+                    metrics["real_success"] = real_eval(algo)
                 logger.scalars(steps, metrics)
                 elapsed = time.perf_counter() - t0
                 rate = sampled_here / max(1e-9, elapsed)
@@ -419,6 +440,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
                 log(f"train: iter {it} steps {steps}/{cfg.total_timesteps} "
                     f"return {metrics.get('env_runners/episode_return_mean', float('nan')):.3f}"
                     + (f" imagined success {metrics['imagined_success']:.2f}" if "imagined_success" in metrics else "")
+                    + (f" real success {metrics['real_success']:.2f}" if "real_success" in metrics else "")
                     + f" | {rate:.0f} steps/s | ETA {eta / 60:.1f} min")
                 with open(events / "train_events.jsonl", "a") as fh:
                     fh.write(json.dumps({"iteration": it, "steps": steps, **metrics}) + "\n")
@@ -493,6 +515,42 @@ def init_from_policy(algo, policy: str, tokenizer_json: dict) -> None:
 
     algo.learner_group.foreach_learner(load)
     algo.env_runner_group.sync_weights(from_worker_or_learner_group=algo.learner_group, inference_only=True)
+
+
+def _state_of(policy: str) -> dict:
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    from .evaluate import resolve_policy
+
+    module_dir, _ = resolve_policy(policy)
+    return {k: v for k, v in RLModule.from_checkpoint(str(module_dir)).state_dict().items()
+            if not k.startswith("aux.") and k != "num_updates"}
+
+
+def set_reference_policy(algo, policy: str) -> None:
+    """Every Learner keeps a frozen copy of ``policy`` for the KL term (SimaPPOLearner.set_reference)."""
+    state = _state_of(policy)
+    algo.learner_group.foreach_learner(lambda learner: learner.set_reference(state))
+
+
+def _real_eval(cfg: TrainConfig, tokenizer, log):
+    """A function: the algorithm's current policy (sampled actions) -> its success rate in ``--real-eval-level``
+    over ``--real-eval-episodes`` episodes on fixed level seeds (the same at every evaluation)."""
+    from .evaluate import PolicyAgent, run_episodes
+
+    def evaluate(algo) -> float | None:
+        from ray.exceptions import RayError
+
+        try:
+            module = algo.get_module()
+        except (IndexError, RayError):
+            log("train: no real-game evaluation this iteration (the EnvRunner holding the policy is restarting)")
+            return None
+        agent = PolicyAgent.of_module(module, tokenizer, greedy=False, seed=cfg.seed)
+        return float(run_episodes(cfg.real_eval_level, agent, cfg.real_eval_episodes, seed=20_000, max_steps=64)
+                     ["success_rate"])
+
+    return evaluate
 
 
 def _server_stats(server, log, timeout_s: float = 60.0) -> dict | None:

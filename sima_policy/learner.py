@@ -10,6 +10,11 @@ Per gradient step (one minibatch):
 2. ``compute_loss_for_module``: PPO's loss (RLlib's, unchanged) + the weighted auxiliary terms, computed on
    the drawn rows, or else on the minibatch restricted to ``Columns.LOSS_MASK`` rows; every term is logged
    under the module id, with ``aux_from_source``, ``aux_replay_samples`` (lifetime) and ``replay_size``.
+   With a reference policy (``set_reference``, e.g. the behaviour-cloned policy PPO starts from) and
+   ``reference_kl_coeff`` > 0, KL(pi || pi_ref) on the minibatch's states is added: PPO in an imperfect
+   world model improves on its clone instead of drifting away from what the real videos taught it.
+   During the first ``critic_warmup_steps`` steps the loss is the value loss alone: the critic learns
+   the policy's values before its advantages move the policy (a fresh critic's noise otherwise does).
 3. ``compute_gradients``: during the first ``freeze_vision_steps`` steps the vision encoder's gradients
    are dropped (its weights and Adam moments stay untouched).
 4. ``apply_gradients``: the optimizer step, then the momentum (EMA) update of the key encoder and the
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core.columns import Columns
+from ray.rllib.evaluation.postprocessing import Postprocessing
 
 from .aux_losses import contrastive_loss, language_matching_loss, random_shift
 from .rl_module import SimaRLModule
@@ -36,6 +42,8 @@ LEARNER_DEFAULTS: dict[str, Any] = {
     "moco_momentum": 0.99,  # key encoder EMA per gradient step
     "moco_queue_size": None,  # None: the module's model_config moco_queue_size; int: re-size the queue
     "freeze_vision_steps": 0,  # no vision-encoder updates for the first N gradient steps
+    "reference_kl_coeff": 0.0,  # weight of KL(pi || pi_ref) to the reference policy (set_reference); 0: off
+    "critic_warmup_steps": 0,  # the first N gradient steps train the value function only
     # None: the auxiliary losses use the PPO minibatch. Else an object whose ``sample()`` returns
     # {"image": uint8 [B, H, W, 3], "mission": int [B, L]} (e.g. pipelines.replay_aux_batches, drawing from
     # the shared replay) or None when it has nothing yet (then the PPO minibatch again).
@@ -53,6 +61,8 @@ AUX_REPLAY_SAMPLES_KEY = "aux_replay_samples"  # lifetime count of aux rows draw
 AUX_FROM_SOURCE_KEY = "aux_from_source"  # 1.0 when this step's aux losses used aux_source, else 0.0
 REPLAY_SIZE_KEY = "replay_size"  # transitions the aux source's replay held at its last reply
 VISION_FROZEN_KEY = "vision_frozen"
+REFERENCE_KL_KEY = "reference_kl"  # KL(pi || pi_ref) on the minibatch
+CRITIC_WARMUP_KEY = "critic_warmup"  # 1.0 while the loss is the value loss alone
 GRADIENT_STEPS_KEY = "sima_gradient_steps"
 
 
@@ -63,7 +73,7 @@ def resolve_learner_config(learner_config_dict: dict | None) -> dict[str, Any]:
         raise ValueError(f"SimaPPOLearner learner_config_dict: unknown keys {unknown}; "
                          f"known keys: {sorted(LEARNER_DEFAULTS)}")
     cfg = {**LEARNER_DEFAULTS, **given}
-    for k in ("language_coeff", "contrastive_coeff"):
+    for k in ("language_coeff", "contrastive_coeff", "reference_kl_coeff", "critic_warmup_steps"):
         if float(cfg[k]) < 0:
             raise ValueError(f"SimaPPOLearner: {k}={cfg[k]} must be >= 0")
     if not 0.0 <= float(cfg["moco_momentum"]) <= 1.0:
@@ -101,6 +111,20 @@ class SimaPPOLearner(PPOTorchLearner):
         if hasattr(module, "aux") and cfg["moco_queue_size"] is not None:
             module.aux.queue.resize_(int(cfg["moco_queue_size"]))
 
+    def set_reference(self, state: dict) -> None:
+        """Freeze a copy of the module with weights ``state`` (a policy's state dict) as the reference the KL
+        term pulls towards. Not checkpointed: ``genie-sima train`` sets it again from --init-policy on resume."""
+        import copy
+
+        self._reference = {}
+        for module_id, module in self._sima_modules():
+            ref = copy.deepcopy(module)
+            ref.load_state_dict({**ref.state_dict(), **{k: v.to(module.num_updates.device) for k, v in state.items()}})
+            ref.eval()
+            for p in ref.parameters():
+                p.requires_grad_(False)
+            self._reference[module_id] = ref
+
     def _sima_modules(self):
         for module_id in self.module.keys():
             module = self.module[module_id].unwrapped()
@@ -137,8 +161,22 @@ class SimaPPOLearner(PPOTorchLearner):
             return total
         cfg = self.sima_config
         terms = getattr(self, "_wanted", {}).get(module_id, module.aux_terms)
+        warmup = int(module.num_updates) < int(cfg["critic_warmup_steps"])
         logs: dict[str, Any] = {VISION_FROZEN_KEY: float(self._vision_frozen(module)),
-                                GRADIENT_STEPS_KEY: int(module.num_updates)}
+                                GRADIENT_STEPS_KEY: int(module.num_updates), CRITIC_WARMUP_KEY: float(warmup)}
+        mask = batch.get(Columns.LOSS_MASK)
+        if warmup:
+            total = config.vf_loss_coeff * _masked_mean(self._value_loss(module, config, batch, fwd_out), mask)
+        ref = getattr(self, "_reference", {}).get(module_id)
+        if ref is not None and float(cfg["reference_kl_coeff"]) > 0:
+            with torch.no_grad():
+                ref_logits = ref._forward({Columns.OBS: batch[Columns.OBS]})[Columns.ACTION_DIST_INPUTS]
+            logp = torch.log_softmax(fwd_out[Columns.ACTION_DIST_INPUTS], -1)
+            kl = (logp.exp() * (logp - torch.log_softmax(ref_logits, -1))).sum(-1)  # [B] KL(pi || pi_ref)
+            kl = _masked_mean(kl, mask)
+            if not warmup:
+                total = total + float(cfg["reference_kl_coeff"]) * kl
+            logs[REFERENCE_KL_KEY] = kl.detach()
         # The auxiliary terms' rows: from aux_source (no mask: every row is a real transition) or, while it has
         # nothing, the PPO minibatch's own forward outputs under Columns.LOSS_MASK.
         drawn = getattr(self, "_drawn", {}).get(module_id)
@@ -170,6 +208,13 @@ class SimaPPOLearner(PPOTorchLearner):
                          QUEUE_FILL_KEY: int(queue.filled) / max(1, queue.size)})
         self.metrics.log_dict(logs, key=module_id, window=1)
         return total
+
+    @staticmethod
+    def _value_loss(module: SimaRLModule, config, batch, fwd_out) -> torch.Tensor:
+        """PPO's clipped squared value error per row [B] (what RLlib's PPO loss weighs by vf_loss_coeff)."""
+        values = module.compute_values(batch, embeddings=fwd_out.get(Columns.EMBEDDINGS))
+        err = (values - batch[Postprocessing.VALUE_TARGETS]) ** 2
+        return err.clamp(0, config.vf_clip_param)
 
     def _aux_rows(self, module: SimaRLModule) -> dict[str, torch.Tensor] | None:
         """A batch from aux_source as tensors on the module's device, or None (no source, or it is empty)."""
@@ -216,3 +261,10 @@ class SimaPPOLearner(PPOTorchLearner):
                 module.aux.momentum_update_(module.vision, momentum)
                 if keys is not None:
                     module.aux.queue.enqueue(keys)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x.mean()
+    mask = mask.bool()
+    return x[mask].mean() if mask.any() else x.sum() * 0.0

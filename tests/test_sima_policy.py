@@ -296,6 +296,75 @@ def test_learner_freeze_momentum_queue_mask_and_state(tokenizer, action_space):
         config.copy(copy_frozen=False).learners(learner_config_dict={"langauge_coeff": 1.0}).build_learner(env=None)
 
 
+def _ppo_learner(tokenizer, **learner_config):
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from sima_policy.learner import SimaPPOLearner
+
+    config = (PPOConfig().environment(observation_space=obs_space(tokenizer), action_space=gym.spaces.Discrete(7))
+              .training(train_batch_size_per_learner=16, minibatch_size=16, num_epochs=1, lr=1e-2)
+              .rl_module(rl_module_spec=RLModuleSpec(module_class=SimaRLModule, model_config=SMALL))
+              .learners(learner_class=SimaPPOLearner,
+                        learner_config_dict={"language_coeff": 0.0, "contrastive_coeff": 0.0, **learner_config}))
+    return config.build_learner(env=None)
+
+
+def _uniform_batch(tokenizer, b=16, seed=0):
+    from ray.rllib.evaluation.postprocessing import Postprocessing
+    from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
+
+    rng = np.random.default_rng(seed)
+    batch = {Columns.OBS: {k: v.numpy() for k, v in make_obs(tokenizer, b).items()}, Columns.ACTIONS: rng.integers(0, 7, b),
+             Columns.ACTION_LOGP: np.full(b, -np.log(7), np.float32), Columns.ACTION_DIST_INPUTS: np.zeros((b, 7), np.float32),
+             Postprocessing.ADVANTAGES: rng.normal(size=b).astype(np.float32) * 5,
+             Postprocessing.VALUE_TARGETS: rng.normal(size=b).astype(np.float32)}
+    return MultiAgentBatch({"default_policy": SampleBatch(batch)}, env_steps=b), batch[Columns.OBS]
+
+
+def test_learner_reference_kl_holds_the_policy_near_its_reference(tokenizer):
+    from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    def drift(coeff):
+        torch.manual_seed(0)
+        learner = _ppo_learner(tokenizer, reference_kl_coeff=coeff)
+        module = learner.module["default_policy"].unwrapped()
+        learner.set_reference({k: v.clone() for k, v in module.state_dict().items()})
+        ma, obs = _uniform_batch(tokenizer)
+        for _ in range(8):
+            res = learner.update(batch=ma, timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: 0})
+        obs_t = {k: torch.as_tensor(v) for k, v in obs.items()}
+        with torch.no_grad():
+            logp = torch.log_softmax(module._forward({Columns.OBS: obs_t})[Columns.ACTION_DIST_INPUTS], -1)
+            ref = torch.log_softmax(learner._reference["default_policy"]._forward({Columns.OBS: obs_t})
+                                    [Columns.ACTION_DIST_INPUTS], -1)
+        return float((logp.exp() * (logp - ref)).sum(-1).mean()), res["default_policy"]
+
+    free, _ = drift(0.0)
+    held, metrics = drift(5.0)
+    assert "reference_kl" in metrics
+    assert held < 0.5 * free, (held, free)  # switched off, PPO's steps carry the policy much further
+
+
+def test_learner_critic_warmup_trains_only_the_value_function(tokenizer):
+    from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    torch.manual_seed(0)
+    learner = _ppo_learner(tokenizer, critic_warmup_steps=2)
+    module = learner.module["default_policy"].unwrapped()
+    pi0, vf0 = module.pi.weight.clone(), module.vf.weight.clone()
+    ma, _ = _uniform_batch(tokenizer)
+    warm = []
+    for _ in range(3):
+        res = learner.update(batch=ma, timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: 0})
+        warm.append((torch.equal(pi0, module.pi.weight), torch.equal(vf0, module.vf.weight),
+                     res["default_policy"]["critic_warmup"]))
+    # Two warm-up steps move the critic only; the third is a full PPO step.
+    assert [w[0] for w in warm] == [True, True, False]
+    assert [w[1] for w in warm] == [False, False, False]
+    assert [w[2] for w in warm] == [1.0, 1.0, 0.0]
+
+
 # ---- env wrappers -----------------------------------------------------------------------------------------
 def test_babyai_wrapper_matches_collected_frames():
     from pipelines.data.babyai_game import BabyAIGame
