@@ -37,6 +37,7 @@ SETTINGS: dict[str, dict] = {
     "laptop": {},
     "micro": dict(episodes=32, episodes_per_shard=8, val_fraction=0.25, preset="micro", world_overrides="", num_worlds=4,
                   bc_steps=20, ppo_envs=4, ppo_rollout_steps=16, ppo_timesteps=128, real_ppo_timesteps=64,
+                  ppo_critic_warmup=0, ppo_real_eval_episodes=2,
                   eval_levels="BabyAI-GoToRedBall-v0", eval_episodes=2, gifs=1),
 }
 
@@ -46,21 +47,27 @@ class DemoConfig:
     out: str = _f("runs/demo", "run directory (every step writes a sub-directory; report.html at the top)")
     setting: str = _f("laptop", "defaults for the fields below", choices=tuple(SETTINGS))
     source: str = _f("babyai:BabyAI-GoToLocal-v0", "game to collect video from")
-    episodes: int = _f(1200, "episodes of video to collect")
+    episodes: int = _f(2500, "episodes of video to collect")
     episodes_per_shard: int = _f(100, "episodes per HDF5 shard")
     epsilon: float = _f(0.3, "random-action probability of the collecting bot")
     val_fraction: float = _f(0.1, "share of the collected episodes held out for the world model's evaluation")
     preset: str = _f("tiny", "world-model preset")
-    world_overrides: str = _f("tok_steps=400,lam_steps=450,dyn_steps=450,head_steps=450,prior_steps=150",
+    world_overrides: str = _f("tok_steps=1000,head_steps=800,prior_steps=500,adapter_key_steps=600,"
+                              "adapter_key_transitions=12000,eval_prompt_levels=64",
                               "world-model config overrides (the laptop default trims the tiny preset's steps "
                               "to fit the demo's time budget)")
     prompt: str = _f("go to the red ball", "prompt for the generated levels and the imagined training worlds")
     num_worlds: int = _f(256, "levels generated from the prompt (the imagined training worlds)")
-    bc_steps: int = _f(900, "behaviour-cloning gradient steps")
+    bc_steps: int = _f(800, "behaviour-cloning gradient steps")
     ppo_envs: int = _f(32, "imagined envs stepped per server call")
     ppo_rollout_steps: int = _f(32, "steps per env per PPO iteration")
-    ppo_timesteps: int = _f(4096, "imagined env steps of PPO")
+    ppo_timesteps: int = _f(8192, "imagined env steps of PPO")
     ppo_lr: float = _f(1e-4, "PPO learning rate (small: PPO refines the cloned policy)")
+    ppo_reference_kl: float = _f(0.05, "weight of KL(policy || the cloned policy) in PPO's loss (0: off)")
+    ppo_critic_warmup: int = _f(16, "gradient steps that train only the value function before PPO moves the clone")
+    ppo_real_eval_every: int = _f(2, "PPO iterations between short real-game evaluations of the policy (success "
+                                     "beside imagined success in the report)")
+    ppo_real_eval_episodes: int = _f(50, "real-game episodes per evaluation during PPO")
     ppo_freeze_vision: bool = _f(True, "keep the clone's vision encoder frozen during PPO in imagination (its agent/"
                                        "direction detectors are trained only by BC). Real-game success frozen vs "
                                        "not: full size 85.5/86.0% vs 83.0/81.0%; this demo 68/74% vs 67/75%")
@@ -160,21 +167,24 @@ def run_demo(cfg: DemoConfig, log=None) -> dict:
         steps.run("pretrain", world / "metrics.json", lambda: pretrain(
             PretrainArgs(data=str(data), out=str(world), preset=cfg.preset, wandb=cfg.wandb),
             {**overrides, "seed": cfg.seed}, log=log))
-        steps.run("generate", levels / "grid.png", lambda: generate(GenerateConfig(
-            bundle=str(world), out=str(levels / "levels.h5"), prompt=cfg.prompt, num_worlds=cfg.num_worlds,
-            seed=cfg.seed, grid=str(levels / "grid.png"), rollout=str(levels / "rollout.gif"),
-            rollout_envs=min(16, cfg.num_worlds))))
+        steps.run("generate", levels / "grid.png", lambda: write_json_atomic(levels / "generate.json", generate(
+            GenerateConfig(bundle=str(world), out=str(levels / "levels.h5"), prompt=cfg.prompt, num_worlds=cfg.num_worlds,
+                           seed=cfg.seed, grid=str(levels / "grid.png"), rollout=str(levels / "rollout.gif"),
+                           rollout_envs=min(16, cfg.num_worlds)))))
         steps.run("bc", bc / "bc_metrics.json", lambda: behaviour_clone(BCConfig(
             bundle=str(world), data=str(data), out=str(bc), steps=cfg.bc_steps, seed=cfg.seed, threads=cfg.threads,
             wandb=cfg.wandb), log=log))
         level_file = str(levels / "levels.h5")
+        level = cfg.eval_levels.split(",")[0].strip()  # the real level imagination's prompt stands for
         steps.run("ppo_in_imagination", ppo / "checkpoints", lambda: train(TrainConfig(
             env=f"world://{world}?level_file={level_file}", out=str(ppo), num_envs=cfg.ppo_envs,
             rollout_steps=cfg.ppo_rollout_steps, total_timesteps=cfg.ppo_timesteps, lr=cfg.ppo_lr,
             init_policy=str(bc), resume=latest_checkpoint(ppo) is not None, seed=cfg.seed, wandb=cfg.wandb,
-            threads=cfg.threads, freeze_vision_steps=FROZEN if cfg.ppo_freeze_vision else 0), log=log))
+            threads=cfg.threads, freeze_vision_steps=FROZEN if cfg.ppo_freeze_vision else 0,
+            reference_kl_coeff=cfg.ppo_reference_kl, critic_warmup_steps=cfg.ppo_critic_warmup,
+            real_eval_level=level, real_eval_every=cfg.ppo_real_eval_every,
+            real_eval_episodes=cfg.ppo_real_eval_episodes), log=log))
         real_frames = cfg.real_ppo_timesteps or _video_frames(data)
-        level = cfg.eval_levels.split(",")[0].strip()
         steps.run("real_game_ppo", real_ppo / "checkpoints", lambda: train(TrainConfig(
             env=f"babyai:{level}", out=str(real_ppo), num_envs=cfg.ppo_envs, rollout_steps=cfg.ppo_rollout_steps,
             total_timesteps=real_frames, resume=latest_checkpoint(real_ppo) is not None, seed=cfg.seed,

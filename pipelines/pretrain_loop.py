@@ -91,7 +91,7 @@ def pretrain_loop(config: dict) -> None:
         frozen = {d: bundle.parts[d].requires_grad_(False) for d in deps}
     part = build_part(part_name, cfg, len(vocab)).to(device)
     total = cfg.steps_for(stage)
-    opt = torch.optim.AdamW(part.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(part.parameters(), lr=cfg.lr_for(stage), weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + rank)
 

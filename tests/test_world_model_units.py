@@ -485,3 +485,12 @@ def test_noop_latent_is_exactly_the_unchanged_transitions():
     assert torch.equal(got == 3, same)
     loss, metrics = lam.loss(frames)  # trains with the same rule (finite, no -inf leaking into the loss)
     assert torch.isfinite(loss)
+
+
+def test_dynamics_learning_rate_is_its_own_when_set():
+    from genie_world.config import resolve_config
+
+    cfg = resolve_config("tiny")
+    assert cfg.lr_for("dynamics") == cfg.dyn_lr == 4e-3
+    assert cfg.lr_for("tokenizer") == cfg.lr_for("heads") == cfg.lr
+    assert resolve_config("tiny", {"dyn_lr": 0.0}).lr_for("dynamics") == cfg.lr  # 0: the shared --lr
