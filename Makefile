@@ -12,7 +12,7 @@ setup:
 demo: setup
 	$(PY) -m pipelines.cli demo --out $(DEMO_OUT) $(DEMO_ARGS)
 
-# Collect 3000 BabyAI GoToLocal episodes and pretrain the tiny world model (about 10 min on 2 cores).
+# Collect 3000 BabyAI GoToLocal episodes and pretrain the tiny world model (about 14 min on 2 cores).
 world-tiny: setup
 	$(PY) -m pipelines.cli collect --source babyai:BabyAI-GoToLocal-v0 --episodes 3000 --policy mixed \
 	    --epsilon 0.3 --episodes-per-shard 100 --workers 2 --seed 0 --out runs/gotolocal-3k

@@ -21,12 +21,17 @@ SLOW = dict(source="atari:Pong", episodes=4, policy="random", episodes_per_shard
 
 
 def _pids_holding_temp(out: Path) -> list[int]:
-    """Processes with a shard temp file open, i.e. workers in the middle of writing a shard."""
+    """Processes with a shard temp file open, i.e. workers in the middle of writing a shard. Only shard temps:
+    the driver (this test process, running collect in a thread) writes its config and manifest through temp
+    files in the same directory, and a scan that caught one would SIGKILL pytest itself."""
     pids = []
     for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
         try:
             for f in proc.open_files():
-                if f.path.startswith(str(out)) and ".tmp-" in f.path:
+                name = Path(f.path).name
+                if f.path.startswith(str(out)) and name.startswith(".shard_") and ".tmp-" in name:
                     pids.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
