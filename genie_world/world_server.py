@@ -69,7 +69,7 @@ class WorldModelServerImpl:
         self._wakeup: asyncio.Event | None = None
         self._loop_task = None
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one World, one stepper
-        self.stats_ = {"env_steps": 0, "batches": 0, "batch_envs": 0, "queue_s": 0.0, "requests": 0,
+        self.stats_ = {"env_steps": 0, "batches": 0, "batch_envs": 0, "queue_s": 0.0, "step_s": 0.0, "requests": 0,
                        "stale_clients_closed": 0, "episodes_terminated": 0, "episodes_truncated": 0, "started": time.time()}
         self._metrics = None
         try:
@@ -179,12 +179,16 @@ class WorldModelServerImpl:
                 except asyncio.TimeoutError:
                     break
             batch, self.pending = self.pending, []
+            t0 = time.perf_counter()
             try:
                 await loop.run_in_executor(self._executor, self._run_batch, batch)
             except Exception as e:  # noqa: BLE001 - hand every waiting caller the error
                 for r in batch:
                     if not r.future.done():
                         r.future.set_exception(e)
+            finally:
+                # The World's own time (resets + steps): what the server costs beyond the Ray round trip.
+                self.stats_["step_s"] += time.perf_counter() - t0
 
     def _run_batch(self, batch: list[_Request]) -> None:
         now = time.perf_counter()

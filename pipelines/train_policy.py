@@ -302,6 +302,34 @@ def _flat_metrics(result: dict) -> dict:
     return {k: float(v) for k, v in out.items() if isinstance(v, numbers.Real)}  # numpy scalars too
 
 
+def _time_split(result: dict, train_s: float) -> dict:
+    """Where this iteration's seconds went: ``time/train_s`` (``algo.train()``) = ``time/sample_s`` (EnvRunners;
+    ``time/world_s``, the world servers' own stepping, is added by the caller) + ``time/learn_s`` (the PPO
+    update; of it ``time/learn_make_batch_s``: the learner connector with GAE's value forward,
+    ``time/learn_reference_s``: the reference policy's logits, ``time/learn_aux_draw_s``: the auxiliary losses'
+    replay rows) + ``time/sync_weights_s`` + RLlib's bookkeeping. WorldPPO makes the timers per iteration."""
+    from ray.rllib.core import ALL_MODULES
+    from ray.rllib.utils.metrics import (ENV_RUNNER_SAMPLING_TIMER, LEARNER_UPDATE_TIMER,
+                                         SYNCH_WORKER_WEIGHTS_TIMER, TIMERS)
+
+    from sima_policy.learner import AUX_DRAW_S_KEY, MAKE_BATCH_S_KEY, REFERENCE_S_KEY
+
+    timers, learner = result.get(TIMERS, {}), result.get("learners", {}).get(ALL_MODULES, {})
+    out = {"time/train_s": train_s, "time/sample_s": timers.get(ENV_RUNNER_SAMPLING_TIMER),
+           "time/learn_s": timers.get(LEARNER_UPDATE_TIMER), "time/sync_weights_s": timers.get(SYNCH_WORKER_WEIGHTS_TIMER)}
+    for key in (MAKE_BATCH_S_KEY, REFERENCE_S_KEY, AUX_DRAW_S_KEY):
+        out[f"time/learn_{key}"] = learner.get(key)
+    return {k: float(v) for k, v in out.items() if isinstance(v, numbers.Real) and math.isfinite(v)}
+
+
+def _split_text(timing: dict) -> str:
+    """"sample 1.1 s (world 0.6 s), learn 9.8 s": the progress line's view of ``_time_split``."""
+    parts = [f"sample {timing['time/sample_s']:.1f} s" if "time/sample_s" in timing else "",
+             f"(world {timing['time/world_s']:.1f} s)" if "time/world_s" in timing else "",
+             f"learn {timing['time/learn_s']:.1f} s" if "time/learn_s" in timing else ""]
+    return " ".join(p for p in parts if p)
+
+
 def train(cfg: TrainConfig, log=None) -> dict:
     import ray
     import torch
@@ -393,6 +421,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
         steps, it, t0, result, sampled_here, idle = 0, algo.iteration, time.perf_counter(), {}, 0, 0
         gauges = _train_gauges()
         ends = [(0, 0)] * len(servers)  # per server: (terminated, truncated) counters at the last iteration
+        busy = [0.0] * len(servers)  # per server: seconds its World had spent stepping at the last iteration
         replay_added = replay.stats()["transitions_added"] if replay is not None else 0  # restored ones too
         try:
             while steps < cfg.total_timesteps:
@@ -411,6 +440,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
                     raise RuntimeError(f"train: no env steps sampled in {idle} consecutive iterations: the EnvRunners "
                                        "are not coming back (see the Ray worker logs)")
                 gauges["steps"].set(this_iter / max(1e-9, time.perf_counter() - t_iter))
+                timing = _time_split(result, time.perf_counter() - t_iter)
                 stats = [_server_stats(server, log) for server in servers]
                 if replay is not None:
                     rs = replay.stats()
@@ -423,17 +453,19 @@ def train(cfg: TrainConfig, log=None) -> dict:
                     if st is None:
                         continue
                     now = (st["episodes_terminated"], st["episodes_truncated"])
-                    if now[0] < ends[j][0] or now[1] < ends[j][1]:
-                        ends[j] = (0, 0)  # the server was restarted: its counters started again from zero
+                    if now[0] < ends[j][0] or now[1] < ends[j][1] or st["step_s"] < busy[j]:
+                        ends[j], busy[j] = (0, 0), 0.0  # the server was restarted: its counters started from zero
                     done = [done[0] + now[0] - ends[j][0], done[1] + now[1] - ends[j][1]]
-                    ends[j] = now
+                    timing["time/world_s"] = timing.get("time/world_s", 0.0) + st["step_s"] - busy[j]
+                    ends[j], busy[j] = now, st["step_s"]
                 if sum(done):
                     metrics["imagined_success"] = done[0] / sum(done)
                     gauges["success"].set(metrics["imagined_success"])
                 last = steps >= cfg.total_timesteps
                 if real_eval is not None and (last or (cfg.real_eval_every and it % cfg.real_eval_every == 0)):
+                    t0_eval = time.perf_counter()
                     metrics["real_success"] = real_eval(algo)
-                logger.scalars(steps, metrics)
+                    timing["time/real_eval_s"] = time.perf_counter() - t0_eval
                 elapsed = time.perf_counter() - t0
                 rate = sampled_here / max(1e-9, elapsed)
                 eta = max(0.0, (cfg.total_timesteps - steps) / max(rate, 1e-9))
@@ -441,13 +473,20 @@ def train(cfg: TrainConfig, log=None) -> dict:
                     f"return {metrics.get('env_runners/episode_return_mean', float('nan')):.3f}"
                     + (f" imagined success {metrics['imagined_success']:.2f}" if "imagined_success" in metrics else "")
                     + (f" real success {metrics['real_success']:.2f}" if "real_success" in metrics else "")
-                    + f" | {rate:.0f} steps/s | ETA {eta / 60:.1f} min")
+                    + f" | {rate:.0f} steps/s | ETA {eta / 60:.1f} min | {_split_text(timing)}")
+                if video is not None and (it % cfg.video_every == 0 or steps >= cfg.total_timesteps):
+                    t0_video = time.perf_counter()
+                    _rollout_video(algo, video, logger, out, it, steps, log)
+                    timing["time/video_s"] = time.perf_counter() - t0_video
+                if it % cfg.checkpoint_every == 0 or steps >= cfg.total_timesteps:
+                    t0_ckpt = time.perf_counter()
+                    _checkpoint(algo, out, it, replay)
+                    timing["time/checkpoint_s"] = time.perf_counter() - t0_ckpt
+                timing["time/iteration_s"] = time.perf_counter() - t_iter
+                metrics.update(timing)
+                logger.scalars(steps, metrics)
                 with open(events / "train_events.jsonl", "a") as fh:
                     fh.write(json.dumps({"iteration": it, "steps": steps, **metrics}) + "\n")
-                if video is not None and (it % cfg.video_every == 0 or steps >= cfg.total_timesteps):
-                    _rollout_video(algo, video, logger, out, it, steps, log)
-                if it % cfg.checkpoint_every == 0 or steps >= cfg.total_timesteps:
-                    _checkpoint(algo, out, it, replay)
         finally:
             logger.close()
             if video is not None:

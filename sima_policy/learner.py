@@ -12,7 +12,8 @@ Per gradient step (one minibatch):
    under the module id, with ``aux_from_source``, ``aux_replay_samples`` (lifetime) and ``replay_size``.
    With a reference policy (``set_reference``, e.g. the behaviour-cloned policy PPO starts from) and
    ``reference_kl_coeff`` > 0, KL(pi || pi_ref) on the minibatch's states is added: PPO in an imperfect
-   world model improves on its clone instead of drifting away from what the real videos taught it.
+   world model improves on its clone instead of drifting away from what the real videos taught it. The
+   reference's logits are computed once per train batch (``_make_batch_if_necessary``), not per minibatch.
    During the first ``critic_warmup_steps`` steps the loss is the value loss alone: the critic learns
    the policy's values before its advantages move the policy (a fresh critic's noise otherwise does).
 3. ``compute_gradients``: during the first ``freeze_vision_steps`` steps the vision encoder's gradients
@@ -24,10 +25,12 @@ Per gradient step (one minibatch):
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
+from ray.rllib.core import ALL_MODULES
 from ray.rllib.core.columns import Columns
 from ray.rllib.evaluation.postprocessing import Postprocessing
 
@@ -64,6 +67,11 @@ VISION_FROZEN_KEY = "vision_frozen"
 REFERENCE_KL_KEY = "reference_kl"  # KL(pi || pi_ref) on the minibatch
 CRITIC_WARMUP_KEY = "critic_warmup"  # 1.0 while the loss is the value loss alone
 GRADIENT_STEPS_KEY = "sima_gradient_steps"
+# Seconds per update, logged under ALL_MODULES (genie-sima train reports them as its time split).
+MAKE_BATCH_S_KEY = "make_batch_s"  # the learner connector (GAE's value forward over the train batch)
+REFERENCE_S_KEY = "reference_s"  # the reference policy's logits for the train batch
+AUX_DRAW_S_KEY = "aux_draw_s"  # drawing (and decoding) the auxiliary losses' rows from aux_source
+REFERENCE_LOGITS = "reference_logits"  # train-batch column: the reference policy's logits per row
 
 
 def resolve_learner_config(learner_config_dict: dict | None) -> dict[str, Any]:
@@ -134,6 +142,26 @@ class SimaPPOLearner(PPOTorchLearner):
     def _vision_frozen(self, module: SimaRLModule) -> bool:
         return int(module.num_updates) < int(self.sima_config["freeze_vision_steps"])
 
+    # ---- one train batch ----------------------------------------------------------------------------------
+    def _make_batch_if_necessary(self, training_data):
+        """The learner connector's train batch (GAE runs here, without autograd: nothing is differentiated
+        through a train batch), plus the reference policy's logits for every row: the reference is frozen, so its forward runs once per train batch, not once per minibatch and
+        epoch (``num_epochs`` times fewer reference forwards; the KL term is unchanged)."""
+        t0 = time.perf_counter()
+        with torch.no_grad():  # RLlib's GAE runs the value forward over the whole batch with autograd on
+            batch = super()._make_batch_if_necessary(training_data)
+        _log_seconds(self.metrics, MAKE_BATCH_S_KEY, time.perf_counter() - t0)
+        reference = getattr(self, "_reference", {})
+        if batch is None or not reference or float(self.sima_config["reference_kl_coeff"]) <= 0:
+            return batch
+        t0 = time.perf_counter()
+        for module_id, rows in batch.policy_batches.items():
+            ref = reference.get(module_id)
+            if ref is not None:
+                rows[REFERENCE_LOGITS] = _reference_logits(ref, rows[Columns.OBS])
+        _log_seconds(self.metrics, REFERENCE_S_KEY, time.perf_counter() - t0)
+        return batch
+
     # ---- one minibatch ------------------------------------------------------------------------------------
     def _update(self, batch):
         # The aux rows are drawn BEFORE the forward: when aux_source has rows, the module's forward_train skips
@@ -143,7 +171,9 @@ class SimaPPOLearner(PPOTorchLearner):
         try:
             for module_id, module in self._sima_modules():
                 self._wanted[module_id] = terms = module.aux_terms
+                t0 = time.perf_counter()
                 drawn = self._aux_rows(module) if any(terms.values()) else None
+                _log_seconds(self.metrics, AUX_DRAW_S_KEY, time.perf_counter() - t0)
                 if drawn is not None:
                     self._drawn[module_id] = drawn
                     module.aux_terms = {k: False for k in terms}
@@ -169,8 +199,8 @@ class SimaPPOLearner(PPOTorchLearner):
             total = config.vf_loss_coeff * _masked_mean(self._value_loss(module, config, batch, fwd_out), mask)
         ref = getattr(self, "_reference", {}).get(module_id)
         if ref is not None and float(cfg["reference_kl_coeff"]) > 0:
-            with torch.no_grad():
-                ref_logits = ref._forward({Columns.OBS: batch[Columns.OBS]})[Columns.ACTION_DIST_INPUTS]
+            ref_logits = batch[REFERENCE_LOGITS] if REFERENCE_LOGITS in batch else _reference_logits(
+                ref, batch[Columns.OBS])  # a direct loss call, with no train batch made by this learner
             logp = torch.log_softmax(fwd_out[Columns.ACTION_DIST_INPUTS], -1)
             kl = (logp.exp() * (logp - torch.log_softmax(ref_logits, -1))).sum(-1)  # [B] KL(pi || pi_ref)
             kl = _masked_mean(kl, mask)
@@ -261,6 +291,19 @@ class SimaPPOLearner(PPOTorchLearner):
                 module.aux.momentum_update_(module.vision, momentum)
                 if keys is not None:
                     module.aux.queue.enqueue(keys)
+
+
+def _reference_logits(reference, obs: dict, chunk: int = 1024) -> torch.Tensor:
+    """The frozen reference policy's action-distribution inputs for ``obs`` [N, ...], in chunks of ``chunk`` rows."""
+    n = len(obs["image"])
+    with torch.no_grad():
+        return torch.cat([reference._forward({Columns.OBS: {k: v[i:i + chunk] for k, v in obs.items()}})
+                          [Columns.ACTION_DIST_INPUTS] for i in range(0, n, chunk)])  # [N, A]
+
+
+def _log_seconds(metrics, key: str, seconds: float) -> None:
+    """Seconds summed over one ``update`` (a "sum" metric restarts at every reduce of the learner's metrics)."""
+    metrics.log_value((ALL_MODULES, key), seconds, reduce="sum")
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

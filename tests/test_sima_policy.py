@@ -346,6 +346,34 @@ def test_learner_reference_kl_holds_the_policy_near_its_reference(tokenizer):
     assert held < 0.5 * free, (held, free)  # switched off, PPO's steps carry the policy much further
 
 
+def test_learner_train_batch_carries_the_reference_logits_once(tokenizer):
+    """The frozen reference runs once per train batch: the batch the learner makes holds its logits row by row,
+    equal to a direct forward, and the update logs the time each part of it took."""
+    from ray.rllib.core import ALL_MODULES
+    from ray.rllib.core.learner.training_data import TrainingData
+    from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    from sima_policy.learner import AUX_DRAW_S_KEY, MAKE_BATCH_S_KEY, REFERENCE_LOGITS, REFERENCE_S_KEY
+
+    torch.manual_seed(0)
+    learner = _ppo_learner(tokenizer, reference_kl_coeff=1.0)
+    module = learner.module["default_policy"].unwrapped()
+    learner.set_reference({k: v.clone() + 0.01 for k, v in module.state_dict().items()})
+    ma, obs = _uniform_batch(tokenizer)
+    made = learner._make_batch_if_necessary(TrainingData(batch=ma)).policy_batches["default_policy"]
+    with torch.no_grad():
+        direct = learner._reference["default_policy"]._forward(
+            {Columns.OBS: {k: torch.as_tensor(v) for k, v in obs.items()}})[Columns.ACTION_DIST_INPUTS]
+    torch.testing.assert_close(torch.as_tensor(made[REFERENCE_LOGITS]), direct)
+    res = learner.update(batch=ma, timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: 0})
+    for key in (MAKE_BATCH_S_KEY, REFERENCE_S_KEY, AUX_DRAW_S_KEY):
+        assert res[ALL_MODULES][key] >= 0.0, key
+    # Without a KL term the column is not made (no reference forward at all).
+    plain = _ppo_learner(tokenizer)
+    plain.set_reference({k: v.clone() for k, v in plain.module["default_policy"].unwrapped().state_dict().items()})
+    assert REFERENCE_LOGITS not in plain._make_batch_if_necessary(TrainingData(batch=ma)).policy_batches["default_policy"]
+
+
 def test_learner_critic_warmup_trains_only_the_value_function(tokenizer):
     from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 

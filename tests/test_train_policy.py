@@ -30,6 +30,12 @@ def test_two_ppo_iterations_against_a_world_model_server_then_resume(random_bund
     assert (out / "tokenizer.json").exists() and list((out / "tensorboard" / "train").glob("events.*"))
     events = [json.loads(line) for line in (out / "logs" / "train_events.jsonl").read_text().splitlines()]
     assert [e["iteration"] for e in events] == [1, 2]
+    for e in events:  # where each iteration's seconds went: the parts fit inside the iteration they belong to
+        for key in ("time/train_s", "time/sample_s", "time/learn_s", "time/learn_make_batch_s", "time/world_s",
+                    "time/checkpoint_s", "time/iteration_s"):
+            assert e[key] >= 0.0, (key, e)
+        assert e["time/sample_s"] + e["time/learn_s"] <= e["time/train_s"] <= e["time/iteration_s"], e
+        assert 0.0 < e["time/world_s"] <= e["time/iteration_s"], e
     # The default --video-every (10) still logs the last iteration of a short run.
     assert TrainConfig().video_every == 10 and sorted(p.name for p in (out / "videos").iterdir()) == [
         "rollout_iter_000002.gif"]

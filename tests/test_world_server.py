@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -48,6 +49,7 @@ def test_three_concurrent_vector_env_clients_get_exactly_their_own_envs(server, 
         th.join(timeout=120)
     stats = ray.get(server.stats.remote())
     assert stats["mean_batch_envs"] > max(sizes), f"requests were not batched: {stats}"
+    assert 0.0 < stats["step_s"] < time.time() - stats["started"], stats  # the World's own seconds
     owned = set()
     for i, env in enumerate(clients):
         envs = set(env._last["envs"].tolist())
