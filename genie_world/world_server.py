@@ -54,21 +54,28 @@ class WorldModelServerImpl:
         from .world import World
         from .world_builder import WorldBuilder
 
-        if threads:
-            torch.set_num_threads(threads)
-        torch.set_flush_denormal(True)  # this actor's own process: denormals only slow the CPU down
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.bundle = load_bundle(bundle_path, device=device)
-        self.world = World(self.bundle, capacity, **world_kwargs)
-        self.builder = WorldBuilder(self.bundle, device=device)
+        # One World, one stepper thread, and every torch call of this actor on it (loading and building
+        # included): once a second thread has run torch ops, the process keeps two OpenMP teams and each
+        # World step slows down (2 cores, tiny, batch 32: 690 World steps/s in the server vs 1,000 alone;
+        # with this, 910; bench/serving.py's server path +22%).
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+        def build():
+            if threads:
+                torch.set_num_threads(threads)
+            torch.set_flush_denormal(True)  # this actor's own process: denormals only slow the CPU down
+            bundle = load_bundle(bundle_path, device=device)
+            return bundle, World(bundle, capacity, **world_kwargs), WorldBuilder(bundle, device=device)
+
+        self.bundle, self.world, self.builder = self._executor.submit(build).result()
         self.capacity, self.max_batch, self.max_wait = int(capacity), int(max_batch), max_wait_ms / 1000.0
         self.name = name
         self.clients: dict[str, _Client] = {}
         self.pending: list[_Request] = []
         self._wakeup: asyncio.Event | None = None
         self._loop_task = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one World, one stepper
         self.stats_ = {"env_steps": 0, "batches": 0, "batch_envs": 0, "queue_s": 0.0, "step_s": 0.0, "requests": 0,
                        "stale_clients_closed": 0, "episodes_terminated": 0, "episodes_truncated": 0, "started": time.time()}
         self._metrics = None
