@@ -2,7 +2,7 @@
 seconds go, and the World's own steps/s at the same batch, measured in the same run.
 
     python bench/train_throughput.py [--bundle RUN] [--levels FILE | --prompt TEXT] [--num-envs 32]
-                                     [--rollout-steps 32] [--iterations 6] [--threads 1]
+                                     [--rollout-steps 32] [--iterations 6] [--threads 2]
                                      [--train-args '{"init_policy": "runs/demo/bc", "reference_kl_coeff": 0.05}']
 
 Speed does not depend on the weights, so by default the world is a random-weight ``tiny`` bundle built in a
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--num-envs", type=int, default=32)
     ap.add_argument("--rollout-steps", type=int, default=32)
     ap.add_argument("--iterations", type=int, default=6, help="train iterations (the first is not counted)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (train --threads)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per process (train --threads)")
     ap.add_argument("--world-steps", type=int, default=30, help="timed World steps for world_env_steps_per_s")
     ap.add_argument("--train-args", default="{}", help="JSON object of other TrainConfig fields")
     ap.add_argument("--out", default=None, help="keep the train run here (default: a temp dir)")

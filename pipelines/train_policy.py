@@ -96,7 +96,8 @@ class TrainConfig:
                                        "cloning from latent actions) or another train run / checkpoint")
     wandb: str = _f("offline", "wandb mode", choices=("offline", "online", "disabled"))
     seed: int = _f(0, "seed")
-    threads: int = _f(1, "torch threads per process (CPU)")
+    threads: int = _f(2, "torch threads of the driver (EnvRunner and learner) and of each world server (CPU); sampling "
+                         "and learning take turns, so each may use the cores (2 cores: 1.5x the env steps/s of 1)")
     address: str | None = _f(None, "Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
