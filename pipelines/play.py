@@ -380,12 +380,37 @@ async def _serve(app: _App, host: str, port: int, ready_callback) -> None:
         bound = runner.addresses[0]  # (host, port) or (host, port, flow, scope) for IPv6
         server = PlayServer(str(bound[0]), int(bound[1]), f"http://{_url_host(host)}:{int(bound[1])}/",
                             len(app.levels), asyncio.get_running_loop(), asyncio.Event())
+        interrupted = _stop_on_sigint(server)
         if ready_callback is not None:
             ready_callback(server)
         await server._stopping.wait()
     finally:
         await runner.cleanup()
         app.executor.shutdown(wait=True, cancel_futures=True)
+    if interrupted():
+        raise KeyboardInterrupt  # Ctrl+C, after a clean shutdown
+
+
+def _stop_on_sigint(server: PlayServer) -> Callable[[], bool]:
+    """Ctrl+C stops ``server``; returns whether it did. ``asyncio.run``'s own SIGINT handler is a plain Python
+    handler, and the kernel may hand SIGINT to any thread (torch's OpenMP workers, the model's executor): the
+    main thread then sleeps on in the selector and never runs it. ``add_signal_handler`` also sets the
+    loop's wakeup fd, so the signal wakes the selector whichever thread receives it."""
+    import signal
+    import threading
+
+    seen = []
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: False  # serve_play in a thread (tests, notebooks): stop() only
+    loop = server._loop
+
+    def on_sigint():
+        seen.append(True)
+        server._stopping.set()
+        loop.remove_signal_handler(signal.SIGINT)  # a second Ctrl+C interrupts the shutdown itself
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    return lambda: bool(seen)
 
 
 def serve_play(bundle_path, prompt: str | None = None, level_file=None, host: str = DEFAULT_HOST,
