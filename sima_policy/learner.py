@@ -17,7 +17,9 @@ Per gradient step (one minibatch):
    During the first ``critic_warmup_steps`` steps the loss is the value loss alone: the critic learns
    the policy's values before its advantages move the policy (a fresh critic's noise otherwise does).
 3. ``compute_gradients``: during the first ``freeze_vision_steps`` steps the vision encoder's gradients
-   are dropped (its weights and Adam moments stay untouched).
+   are dropped (its weights and Adam moments stay untouched); in a single learner they are not even
+   computed (the encoder's parameters stop requiring grad for the step), and the contrastive term, which
+   would train only that encoder and its own query head, is skipped.
 4. ``apply_gradients``: the optimizer step, then the momentum (EMA) update of the key encoder and the
    enqueue of this step's (unmasked) keys. The step counter is a module buffer, so a restored checkpoint
    resumes the freeze schedule where it stopped.
@@ -168,19 +170,29 @@ class SimaPPOLearner(PPOTorchLearner):
         # its own auxiliary projections of the PPO minibatch (they would be computed and thrown away).
         self._drawn: dict[str, dict[str, torch.Tensor]] = {}
         self._wanted: dict[str, dict[str, bool]] = {}
+        restore: dict[str, dict[str, bool]] = {}
         try:
             for module_id, module in self._sima_modules():
-                self._wanted[module_id] = terms = module.aux_terms
+                restore[module_id] = module.aux_terms
+                frozen = self._vision_frozen(module)
+                # While the vision encoder is frozen the contrastive term trains nothing the policy uses (its
+                # gradient reaches only that encoder, whose gradients are dropped, and its own query head): off.
+                self._wanted[module_id] = terms = {**module.aux_terms,
+                                                   "contrastive": module.aux_terms["contrastive"] and not frozen}
+                if self.module[module_id] is module:  # not DDP-wrapped: DDP expects the parameters it was built with
+                    # A frozen encoder's backward (its gradients are dropped anyway) is not computed at all.
+                    module.vision.requires_grad_(not frozen)
                 t0 = time.perf_counter()
                 drawn = self._aux_rows(module) if any(terms.values()) else None
                 _log_seconds(self.metrics, AUX_DRAW_S_KEY, time.perf_counter() - t0)
                 if drawn is not None:
                     self._drawn[module_id] = drawn
-                    module.aux_terms = {k: False for k in terms}
+                module.aux_terms = {k: False for k in terms} if drawn is not None else terms
             return super()._update(batch)
         finally:
             for module_id, module in self._sima_modules():
-                module.aux_terms = self._wanted.get(module_id, module.aux_terms)
+                module.aux_terms = restore.get(module_id, module.aux_terms)
+                module.vision.requires_grad_(True)
             self._drawn, self._wanted = {}, {}  # per minibatch: nothing carries over to a direct loss call
 
     # ---- loss ---------------------------------------------------------------------------------------------

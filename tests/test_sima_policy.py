@@ -276,9 +276,11 @@ def test_learner_freeze_momentum_queue_mask_and_state(tokenizer, action_space):
                              timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: 0})
         history.append((torch.equal(vision0, module.vision.fc.weight), torch.equal(key0, module.aux.key_vision.fc.weight),
                         int(module.aux.queue.filled)))
-    # Frozen for 2 gradient steps (the EMA of an unchanged encoder stays equal), then both move; only the
-    # 13 unmasked keys per step are enqueued (24-slot ring).
-    assert history == [(True, True, 13), (True, True, 24), (False, False, 24)]
+    # Frozen for 2 gradient steps, with no contrastive term (it would train only the frozen encoder and its
+    # own query head): no EMA, nothing enqueued. Then both encoders move and the 13 unmasked keys per step
+    # are enqueued (24-slot ring). Outside an update the encoder requires grad as built.
+    assert history == [(True, True, 0), (True, True, 0), (False, False, 13)]
+    assert all(p.requires_grad for p in module.vision.parameters())
     assert not torch.equal(head0, module.pi.weight) and int(module.num_updates) == 3
     metrics = res["default_policy"]
     for key in ("language_matching_loss", "contrastive_loss", "clip_temperature", "moco_queue_fill", "vision_frozen"):
@@ -290,7 +292,7 @@ def test_learner_freeze_momentum_queue_mask_and_state(tokenizer, action_space):
     restored = fresh.module["default_policy"].unwrapped()
     for name, tensor in module.state_dict().items():
         assert torch.equal(tensor, restored.state_dict()[name]), name
-    assert int(restored.num_updates) == 3 and int(restored.aux.queue.filled) == 24
+    assert int(restored.num_updates) == 3 and int(restored.aux.queue.filled) == 13
 
     with pytest.raises(ValueError, match="unknown keys"):
         config.copy(copy_frozen=False).learners(learner_config_dict={"langauge_coeff": 1.0}).build_learner(env=None)
