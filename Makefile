@@ -27,6 +27,7 @@ bench: setup
 	$(PY) bench/collect.py
 	$(PY) bench/world_model.py
 	$(PY) bench/serving.py
+	$(PY) bench/train_throughput.py
 
 clean:
 	rm -rf runs .pytest_cache
