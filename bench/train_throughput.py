@@ -36,8 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import emit  # noqa: E402
+from bench.serving import MISSION, random_bundle  # noqa: E402
 
-MISSION = "go to the red ball"
 SPLIT = ("train", "sample", "world", "learn", "learn_make_batch", "learn_reference", "learn_aux_draw",
          "sync_weights", "checkpoint", "video", "real_eval", "iteration")
 
@@ -104,10 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-throughput-") as tmp:
         bundle = args.bundle
         if bundle is None:
-            from genie_world.config import resolve_config
-            from genie_world.random_bundle import write_random_bundle
-
-            bundle = str(write_random_bundle(Path(tmp) / "tiny", resolve_config("tiny", {}), [MISSION, "go to the blue key"]))
+            bundle = str(random_bundle("tiny", Path(tmp)))
         env = {"level_file": str(Path(args.levels).resolve())} if args.levels else {"prompt": args.prompt}
         env["max_episode_steps"] = args.max_episode_steps
         query = "&".join(f"{k}={v}" for k, v in env.items())
