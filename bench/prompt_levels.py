@@ -37,9 +37,10 @@ def main() -> None:
     bundle = load_bundle(args.bundle)
     for prompt in [p.strip() for p in args.prompts.split(",") if p.strip()]:
         r = prompt_faithfulness(bundle, prompt, args.num_worlds, args.seed)
-        for k in ("faithful", "has_object", "one_agent", "candidates_accepted"):
+        for k in ("faithful", "has_object", "one_agent", "candidates_accepted", "named_objects_per_level"):
             if k in r:
-                emit("prompt_levels", k, [r[k]], "fraction", bundle=args.bundle, prompt=prompt,
+                emit("prompt_levels", k, [r[k]], "tiles" if k == "named_objects_per_level" else "fraction",
+                     bundle=args.bundle, prompt=prompt,
                      num_worlds=args.num_worlds, seed=args.seed)
 
 

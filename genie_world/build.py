@@ -40,5 +40,6 @@ def build_part(name: str, cfg: WorldModelConfig, text_vocab: int = 0):
                           cfg.head_heads, cfg.head_blocks, cfg.head_term_pos_weight)
     if name == "prompt_prior":
         return PromptPrior(text_vocab, cfg.text_max_len, vocab_size(cfg), num_patches(cfg), cfg.prior_width,
-                           cfg.prior_heads, cfg.prior_blocks, cfg.prior_text_dropout, cfg.prior_guidance)
+                           cfg.prior_heads, cfg.prior_blocks, cfg.prior_text_dropout, cfg.prior_guidance,
+                           cfg.prior_guidance_rounds)
     raise ValueError(f"unknown world-model part {name!r}; expected one of {PART_NAMES}")

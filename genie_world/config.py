@@ -73,6 +73,9 @@ class WorldModelConfig:
     head_term_pos_weight: float = _f(5.0, "termination loss weight on terminal transitions (> 1 favours recall over "
                                           "false terminations)")
     head_blocks: int = _f(3, "reward/termination head: mission-conditioned 3x3 conv blocks over the token grid")
+    head_mission_negatives: int = _f(2, "per terminal transition in a head batch, this many extra rows pairing its "
+                                        "frame with another row's mission that names a different goal, labelled not "
+                                        "terminal (genie_world/mission_negatives.py; 0 = none)")
     prior_width: int = _f(64, "prompt prior width")
     prior_heads: int = _f(4, "prompt prior heads")
     prior_blocks: int = _f(3, "prompt prior blocks")
@@ -81,6 +84,9 @@ class WorldModelConfig:
                                         "guidance needs it)")
     prior_guidance: float = _f(0.0, "classifier-free guidance scale when generating levels from a prompt (0 = none; "
                                     "> 0 needs prior_text_dropout > 0 in training)")
+    prior_guidance_rounds: int = _f(0, "MaskGIT rounds of a prompt level that are guided (0 = all); the later ones "
+                                       "sample the plain conditional, so the named object is placed but does not fill "
+                                       "the level (genie_world/prompt_prior.py)")
     prior_temperature: float = _f(1.0, "MaskGIT temperature for prompt levels (> 0: one prompt, many levels)")
     # optimisation
     tok_batch: int = _f(16, "tokenizer clips per step (per worker)")
@@ -141,6 +147,9 @@ class WorldModelConfig:
             low = 0 if f.name == "warmup_steps" else 1
             if f.name.endswith(("_steps", "_batch", "_every")) and getattr(self, f.name) < low:
                 problems.append(f"{f.name}: expected an integer >= {low}, got {getattr(self, f.name)}")
+        for name in ("head_mission_negatives", "prior_guidance_rounds"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
         if self.frame_size % self.patch:
             problems.append(f"frame_size {self.frame_size} is not divisible by patch {self.patch}")
         try:
@@ -209,7 +218,7 @@ PRESETS: dict[str, dict] = {
     # dynamics at lr 4e-3 reaches in 800 steps what 1,600 steps at 2e-3 did.
     "tiny": dict(num_latent_actions=12, dyn_blocks=2, dyn_lr=4e-3, tok_per_patch=True, tok_steps=1200, tok_batch=32,
                  lam_noop_latent=True, adapter_key_transitions=30_000, head_term_pos_weight=1.0, head_steps=1500,
-                 prior_text_dropout=0.1, prior_guidance=4.0, prior_steps=1000),
+                 prior_text_dropout=0.1, prior_guidance=16.0, prior_guidance_rounds=1, prior_steps=1000),
     "micro": dict(tok_width=32, tok_enc_blocks=1, tok_dec_blocks=1, lam_width=32, lam_enc_blocks=1,
                   lam_dec_blocks=1, dyn_width=32, dyn_blocks=2, head_width=32, head_blocks=1, prior_width=32,
                   prior_blocks=1, tok_batch=4, lam_batch=4, dyn_batch=4, head_batch=8,

@@ -56,10 +56,16 @@ class RewardHead(nn.Module):
         out = self.out(torch.cat([x.amax(dim=(2, 3)), x.mean(dim=(2, 3))], dim=-1))
         return out[:, 0], out[:, 1]
 
-    def loss(self, text_ids, frame_ids, reward, terminated) -> tuple[torch.Tensor, dict]:
+    def loss(self, text_ids, frame_ids, reward, terminated, reward_known=None) -> tuple[torch.Tensor, dict]:
+        """``reward_known`` [B] bool: rows whose reward is a label (default all); the rest train only
+        the termination logit (mission negatives: ``mission_negatives.py``)."""
         pred_r, term_logit = self(text_ids, frame_ids)
         term = terminated.float()
-        l_r = F.mse_loss(pred_r, reward.float())
+        if reward_known is None:
+            l_r = F.mse_loss(pred_r, reward.float())
+        else:
+            known = reward_known.float()
+            l_r = ((pred_r - reward.float()) ** 2 * known).sum() / known.sum().clamp(min=1)
         pos_weight = torch.tensor(self.term_pos_weight, device=term.device)
         l_t = F.binary_cross_entropy_with_logits(term_logit, term, pos_weight=pos_weight)
         acc = ((term_logit > 0).float() == term).float().mean()

@@ -73,7 +73,9 @@ def generate(cfg: GenerateConfig) -> dict:
               "bundle_fingerprint": bundle.fingerprint}
     if cfg.prompt is not None and is_babyai(bundle):
         # Share of these levels that show what the prompt names and exactly one agent (read tile by tile).
-        result["prompt_faithful"] = round(prompt_faithfulness(bundle, cfg.prompt, levels=levels)["faithful"], 4)
+        r = prompt_faithfulness(bundle, cfg.prompt, levels=levels)
+        result["prompt_faithful"] = round(r["faithful"], 4)
+        result["prompt_named_objects_per_level"] = round(r["named_objects_per_level"], 2)
     if cfg.grid:
         with torch.no_grad():
             first = bundle.tokenizer.decode(torch.as_tensor(levels.first_tokens)[:, None])[:, 0]

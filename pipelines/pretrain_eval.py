@@ -229,11 +229,11 @@ def format_metrics_table(metrics: dict) -> str:
     """The evaluation table (each figure with its target, met or missed), then the fidelity report and
     the prompt levels' faithfulness when measured."""
     from .fidelity_report import fidelity_table
-    from .world_targets import PROMPT_PREFIX, target_text, verdict
+    from .world_targets import NAMED_PREFIX, PROMPT_PREFIX, target_text, verdict
 
     rows = [("metric", "value", "target", "")]
     for k, v in metrics.items():
-        if k.startswith(("fidelity_", PROMPT_PREFIX)):
+        if k.startswith(("fidelity_", PROMPT_PREFIX, NAMED_PREFIX)):
             continue
         rows.append((k, f"{v:.4g}" if isinstance(v, float) else str(v), target_text(k), verdict(k, metrics)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
@@ -243,10 +243,13 @@ def format_metrics_table(metrics: dict) -> str:
         lines += ["", fidelity_table(metrics)]
     prompts = [k for k in metrics if k.startswith(PROMPT_PREFIX)]
     if prompts:
-        lines += ["", "Levels from a prompt that show what it names and exactly one agent:", "",
-                  "| prompt | levels right | target | |", "|---|---|---|---|"]
-        lines += [f"| {k.removeprefix(PROMPT_PREFIX)} | {100 * metrics[k]:.1f}% | {target_text(k)} | {verdict(k, metrics)} |"
-                  for k in prompts]
+        lines += ["", "Levels from a prompt that show what it names and exactly one agent (and how many tiles show "
+                  "the named object: real rooms about one):", "",
+                  "| prompt | levels right | named objects per level | target | |", "|---|---|---|---|---|"]
+        for k in prompts:
+            named = metrics.get(NAMED_PREFIX + k.removeprefix(PROMPT_PREFIX))
+            lines.append(f"| {k.removeprefix(PROMPT_PREFIX)} | {100 * metrics[k]:.1f}% | "
+                         f"{'-' if named is None else f'{named:.1f}'} | {target_text(k)} | {verdict(k, metrics)} |")
     return "\n".join(lines)
 
 
@@ -297,7 +300,7 @@ def simulator_metrics(bundle: WorldBundle, data_dir, source: str, seed: int = 0)
 
     from .data.heldout import heldout_episodes
     from .prompt_faithfulness import PROMPTS, is_babyai, prompt_faithfulness
-    from .world_targets import PROMPT_PREFIX
+    from .world_targets import NAMED_PREFIX, PROMPT_PREFIX
 
     cfg, m = bundle.config, {}
     if cfg.eval_fidelity_episodes > 0:
@@ -314,4 +317,6 @@ def simulator_metrics(bundle: WorldBundle, data_dir, source: str, seed: int = 0)
             except ValueError:  # too few candidates obey the level constraints: none of its levels exist
                 r = {"faithful": 0.0}
             m[PROMPT_PREFIX + prompt] = round(r["faithful"], 4)
+            if "named_objects_per_level" in r:
+                m[NAMED_PREFIX + prompt] = round(r["named_objects_per_level"], 2)
     return m

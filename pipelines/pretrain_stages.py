@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from genie_world.config import WorldModelConfig
+from genie_world.mission_negatives import mission_negatives
 
 # stage -> (bundle part it produces, parts it needs frozen)
 STAGE_PARTS = {
@@ -69,7 +70,14 @@ def stage_loss(stage: str, model, frozen: dict, batch: dict, vocab, cfg: WorldMo
     if stage == "heads":
         with torch.no_grad():
             _, ids = tok.encode(frames[:, 1:2])  # only the frame the action led to: [B, 1, P]
-        return model.loss(text, ids[:, 0], batch["rewards"][:, 0], batch["terminated"][:, 0])
+        ids, reward, term = ids[:, 0], batch["rewards"][:, 0], batch["terminated"][:, 0]
+        rows, other = mission_negatives(batch["mission"], term, cfg.head_mission_negatives, generator)
+        known = torch.ones(len(ids) + len(rows), dtype=torch.bool, device=ids.device)
+        known[len(ids):] = False  # a negative's reward under the other mission is not in the data
+        rows, other = rows.to(ids.device), other.to(ids.device)
+        return model.loss(torch.cat([text, text[other]]), torch.cat([ids, ids[rows]]),
+                          torch.cat([reward, torch.zeros_like(reward[rows])]),
+                          torch.cat([term, torch.zeros_like(term[rows])]), reward_known=known)
     if stage == "prior":
         with torch.no_grad():
             _, ids = tok.encode(frames[:, :1])  # the first frame: [B, 1, P]

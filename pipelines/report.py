@@ -150,21 +150,28 @@ def _section_levels(d: Path) -> str:
 
 
 def _prompt_faithfulness(d: Path, prompt: str | None) -> str:
-    from .world_targets import PROMPT_PREFIX, target_text, verdict
+    from .world_targets import NAMED_PREFIX, PROMPT_PREFIX, target_text, verdict
+
+    def named(v) -> str:
+        return "-" if v is None else f"{v:.1f}"
 
     m = _read_json(d / "world" / "metrics.json") or {}
     per_prompt = ((_read_json(d / "world" / "config.json") or {}).get("config") or {}).get("eval_prompt_levels")
-    rows = [[k.removeprefix(PROMPT_PREFIX), per_prompt, f"{100 * m[k]:.1f}%", target_text(k), verdict(k, m)]
+    rows = [[k.removeprefix(PROMPT_PREFIX), per_prompt, f"{100 * m[k]:.1f}%",
+             named(m.get(NAMED_PREFIX + k.removeprefix(PROMPT_PREFIX))), target_text(k), verdict(k, m)]
             for k in m if k.startswith(PROMPT_PREFIX)]
     own = _read_json(d / "levels" / "generate.json") or {}
     if prompt and "prompt_faithful" in own:  # the training levels themselves
         key = PROMPT_PREFIX + prompt
         rows.insert(0, [f"{prompt} (these levels)", own.get("num_worlds"), f"{100 * own['prompt_faithful']:.1f}%",
-                        target_text(key), verdict(key, {key: own["prompt_faithful"]})])
+                        named(own.get("prompt_named_objects_per_level")), target_text(key),
+                        verdict(key, {key: own["prompt_faithful"]})])
     if not rows:
         return ""
     return ("<p>Levels that show the object their prompt names and exactly one agent (each tile read back against "
-            "the real game's own renderings):</p>" + _table(["prompt", "levels", "right", "target", "met?"], rows))
+            "the real game's own renderings), and how many tiles show the named object (a real room: about one; "
+            "more makes imagined levels easier than real ones):</p>"
+            + _table(["prompt", "levels", "right", "named objects per level", "target", "met?"], rows))
 
 
 def _section_bc(d: Path) -> str:

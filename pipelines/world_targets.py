@@ -5,6 +5,7 @@ name (``next_frame_psnr_db`` must beat ``copy_last_psnr_db``)."""
 from __future__ import annotations
 
 PROMPT_PREFIX = "prompt_faithful/"  # + the prompt: share of its levels showing the object and one agent
+NAMED_PREFIX = "prompt_named_objects/"  # + the prompt: tiles per level showing the object it names
 STEP_PREFIX = "fidelity_step_"  # + a real key: one step from real states lands on the right frame
 
 TARGETS: dict[str, tuple[str, float | str]] = {

@@ -38,6 +38,9 @@ def test_levels_without_the_object_or_with_two_agents_fail():
     assert level_contents(frame(grid), "go to the blue key")["has_object"][0]
     assert not level_contents(frame(grid), "go to the red ball")["has_object"][0]
     assert level_contents(frame(grid), "go to a key")["has_object"][0]
+    grid[1][1], grid[2][6] = "blue key", "blue ball"
+    assert level_contents(frame(grid), "go to the blue key")["named_objects"][0] == 2
+    assert level_contents(frame(grid), "go to the red ball")["named_objects"][0] == 0
     grid[5][5] = "agent_2"
     assert not level_contents(frame(grid), "go to the blue key")["one_agent"][0]
     noise = frame(grid).copy()

@@ -473,6 +473,25 @@ def test_prompt_prior_guidance_and_text_dropout():
         assert torch.equal(prior.guided_logits(text, frame), cond)
 
 
+def test_prompt_prior_guides_only_its_first_rounds():
+    """guidance_rounds=1: the first MaskGIT round (which places the named object) is guided, the rest
+    sample the plain conditional; 0 guides every round."""
+    prior = PromptPrior(text_vocab=6, max_text_len=4, vocab_size=8, num_patches=16, width=16, heads=2, depth=1,
+                        guidance=3.0).eval()
+    text = torch.tensor([[1, 2, 3, 0]])
+    seen = []
+    guided = prior.guided_logits
+    prior.guided_logits = lambda t, ids, guide=True: (seen.append(guide), guided(t, ids, guide))[1]
+    for rounds, want in ((1, [True, False, False, False]), (0, [True] * 4), (2, [True, True, False, False])):
+        seen.clear()
+        prior.guidance_rounds = rounds
+        prior.generate(text, steps=4, temperature=1.0, generator=torch.Generator().manual_seed(0))
+        assert seen == want, (rounds, seen)
+    with torch.no_grad():
+        frame = torch.full((1, 16), 8)
+        assert torch.equal(guided(text, frame, guide=False), prior(text, frame))
+
+
 def test_noop_latent_is_exactly_the_unchanged_transitions():
     torch.manual_seed(0)
     lam = LatentActionModel(16, 8, 16, 2, 1, 1, num_actions=4, noop_latent=True)

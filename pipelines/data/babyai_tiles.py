@@ -65,15 +65,16 @@ def prompt_object(prompt: str) -> tuple[str | None, str] | None:
 
 
 def level_contents(frames: np.ndarray, prompt: str, tile: int = 8) -> dict[str, np.ndarray]:
-    """Per frame: ``has_object`` (a tile shows what ``prompt`` names), ``one_agent`` (exactly one agent
-    tile), ``unknown_tiles`` (tiles like no rendering)."""
+    """Per frame: ``has_object`` (a tile shows what ``prompt`` names), ``named_objects`` (how many tiles
+    do), ``one_agent`` (exactly one agent tile), ``unknown_tiles`` (tiles like no rendering)."""
     grid = classify_tiles(frames, tile).reshape(len(frames), -1)
     agents = np.char.startswith(grid.astype(str), AGENT_PREFIX).sum(1)
     want = prompt_object(prompt)
     if want is None:
-        has = np.ones(len(frames), bool)
+        named = np.ones(len(frames), int)
     else:
         colour, kind = want
-        has = np.array([any(t.split(" ")[1:2] == [kind] and (colour is None or t.startswith(colour + " "))
-                            for t in row if " " in t) for row in grid])
-    return {"has_object": has, "one_agent": agents == 1, "unknown_tiles": (grid == UNKNOWN).sum(1)}
+        named = np.array([sum(t.split(" ")[1:2] == [kind] and (colour is None or t.startswith(colour + " "))
+                              for t in row if " " in t) for row in grid])
+    return {"has_object": named > 0, "named_objects": named, "one_agent": agents == 1,
+            "unknown_tiles": (grid == UNKNOWN).sum(1)}
