@@ -218,7 +218,7 @@ PRESETS: dict[str, dict] = {
     # dynamics at lr 4e-3 reaches in 800 steps what 1,600 steps at 2e-3 did.
     "tiny": dict(num_latent_actions=12, dyn_blocks=2, dyn_lr=4e-3, tok_per_patch=True, tok_steps=1200, tok_batch=32,
                  lam_noop_latent=True, adapter_key_transitions=30_000, head_term_pos_weight=1.0, head_steps=1500,
-                 prior_text_dropout=0.1, prior_guidance=16.0, prior_guidance_rounds=1, prior_steps=1000),
+                 prior_text_dropout=0.1, prior_guidance=16.0, prior_guidance_rounds=2, prior_steps=1000),
     "micro": dict(tok_width=32, tok_enc_blocks=1, tok_dec_blocks=1, lam_width=32, lam_enc_blocks=1,
                   lam_dec_blocks=1, dyn_width=32, dyn_blocks=2, head_width=32, head_blocks=1, prior_width=32,
                   prior_blocks=1, tok_batch=4, lam_batch=4, dyn_batch=4, head_batch=8,
