@@ -42,11 +42,12 @@ class WorldBuilder:
 
     @torch.no_grad()
     def generate(self, prompt: str | None = None, image=None, num_worlds: int = 16, seed: int = 0,
-                 mission: str | None = None) -> LevelSet:
+                 mission: str | list[str] | None = None) -> LevelSet:
         """Levels from a text ``prompt`` or an ``image`` ([H, W, 3] or [N, H, W, 3] uint8).
 
         ``mission`` is the instruction the reward head scores (default: the prompt); it must use the
-        bundle's vocabulary too.
+        bundle's vocabulary too. With N images it may be a list of N missions, one per image (real first
+        frames with their episodes' missions); images and missions are cycled together.
         """
         if (prompt is None) == (image is None):
             raise ValueError("give exactly one of prompt= or image=")
@@ -57,16 +58,22 @@ class WorldBuilder:
         mission = prompt if mission is None else mission
         if mission is None:
             raise ValueError("a level from an image needs mission= (the instruction its reward is scored against)")
-        if mission != prompt:
-            self._text_ids(mission, "mission")
+        missions = [mission] if isinstance(mission, str) else list(mission)
+        if not isinstance(mission, str):
+            count = 1 if np.asarray(image).ndim == 3 else len(image)
+            if prompt is not None or len(missions) != count:
+                raise ValueError(f"{len(missions)} missions for {count} images: a list of missions needs one per image")
+        for m in missions:
+            if m != prompt:
+                self._text_ids(m, "mission")
         if prompt is not None:
             tokens, source = self._from_prompt(prompt, int(num_worlds), int(seed)), "prompt"
         else:
             tokens, source = self._from_image(image, int(num_worlds)), "image"
         tag = self.bundle.fingerprint[:8]
         ids = [f"{tag}-{source}-s{seed}-{i}" for i in range(len(tokens))]
-        return LevelSet(tokens, [mission] * len(tokens), ids, self.bundle.fingerprint, prompt, int(seed), source,
-                        str(self.bundle.path))
+        return LevelSet(tokens, [missions[i % len(missions)] for i in range(len(tokens))], ids, self.bundle.fingerprint,
+                        prompt, int(seed), source, str(self.bundle.path))
 
     def resolve(self, prompt: str | None = None, levels: LevelSet | None = None, level_file=None,
                 num_worlds: int = 16, seed: int = 0, mission: str | None = None) -> LevelSet:

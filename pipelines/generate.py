@@ -1,4 +1,5 @@
-"""``genie-sima generate``: a prompt (or an image) -> a level file, a PNG grid of the first frames and
+"""``genie-sima generate``: a prompt (or an image, or a collection's real first frames with their missions)
+-> a level file, a PNG grid of the first frames and
 a GIF of imagined rollouts (random or scripted actions) in those levels."""
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class GenerateConfig:
     out: str = _f("", "level file to write (HDF5, e.g. levels.h5)")
     prompt: str | None = _f(None, "text prompt (words from the bundle's vocabulary)")
     image: str | None = _f(None, "a PNG start frame instead of a prompt (frame-size RGB)")
+    data: str | None = _f(None, "a collected video directory instead of a prompt: levels from its train episodes' "
+                                "real first frames, each with its own episode's mission (drawn by --seed)")
     mission: str | None = _f(None, "instruction the reward head scores (default: the prompt)")
     num_worlds: int = _f(16, "levels to generate")
     seed: int = _f(0, "seed: same seed, same levels")
@@ -44,6 +47,26 @@ def _load_image(path: str, size: int) -> np.ndarray:
     return img
 
 
+def _first_frames(data_dir: str, n: int, seed: int, size: int) -> tuple[np.ndarray, list[str]]:
+    """First frames [M, S, S, 3] and missions of ``n`` train episodes of a collection (M = min(n, episodes)),
+    drawn without replacement by ``seed``."""
+    from .data.clip_reader import ClipReader
+
+    reader = ClipReader(data_dir, clip_len=2, split="train", first_only=True)
+    try:
+        if len(reader) == 0:
+            raise ConfigError(f"--data {data_dir}: no train episodes of 2 or more frames")
+        pick = np.random.default_rng(seed).permutation(len(reader))[:n]
+        clips = [reader[int(i)] for i in pick]
+    finally:
+        reader.close()
+    frames = np.stack([c["frames"][0] for c in clips])
+    if frames.shape[1:] != (size, size, 3):
+        raise ConfigError(f"--data {data_dir}: frames are {frames.shape[2]}x{frames.shape[1]}, the bundle expects "
+                          f"{size}x{size} RGB")
+    return frames, [str(c["mission"]) for c in clips]
+
+
 def generate(cfg: GenerateConfig) -> dict:
     import torch
 
@@ -57,16 +80,21 @@ def generate(cfg: GenerateConfig) -> dict:
 
     if not cfg.bundle or not cfg.out:
         raise ConfigError("--bundle and --out are required")
-    if (cfg.prompt is None) == (cfg.image is None):
-        raise ConfigError("give exactly one of --prompt or --image")
+    if sum(x is not None for x in (cfg.prompt, cfg.image, cfg.data)) != 1:
+        raise ConfigError("give exactly one of --prompt, --image or --data")
     out = Path(cfg.out)
     for flag, target in [("--out", out), ("--grid", cfg.grid), ("--rollout", cfg.rollout)]:
         if target:
             check_writable_dir(Path(target).parent, f"{flag} directory")
     bundle = load_bundle(cfg.bundle)
     image = _load_image(cfg.image, bundle.config.frame_size) if cfg.image else None
+    mission = cfg.mission
+    if cfg.data is not None:
+        if cfg.mission is not None:
+            raise ConfigError("--data levels keep their episodes' missions; --mission cannot be given with it")
+        image, mission = _first_frames(cfg.data, cfg.num_worlds, cfg.seed, bundle.config.frame_size)
     levels = WorldBuilder(bundle).generate(prompt=cfg.prompt, image=image, num_worlds=cfg.num_worlds,
-                                           seed=cfg.seed, mission=cfg.mission)
+                                           seed=cfg.seed, mission=mission)
     save_levels(out, levels)
     save_config(cfg, out.with_name(out.name + ".config.json"), bundle_fingerprint=bundle.fingerprint)
     result = {"levels": str(out), "num_worlds": len(levels), "distinct_levels": levels.distinct(),

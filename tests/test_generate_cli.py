@@ -39,6 +39,39 @@ def test_generate_writes_levels_grid_and_rollout(random_bundle, tmp_path):
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
+def test_generate_from_a_collections_real_first_frames(babyai_bot_data, tmp_path):
+    """--data: each level is one train episode's real first frame with that episode's own mission."""
+    import torch
+
+    from genie_world.config import resolve_config
+    from genie_world.random_bundle import write_random_bundle
+    from pipelines.data.clip_reader import ClipReader
+
+    reader = ClipReader(babyai_bot_data, clip_len=2, split="train", first_only=True)
+    episodes = [reader[i] for i in range(len(reader))]
+    reader.close()
+    bundle_dir = write_random_bundle(tmp_path / "bundle", resolve_config("micro"), [e["mission"] for e in episodes])
+    r = _cli("generate", "--bundle", str(bundle_dir), "--data", str(babyai_bot_data), "--num-worlds", "5",
+             "--seed", "1", "--out", str(tmp_path / "l.h5"))
+    assert r.returncode == 0, r.stderr
+    bundle = load_bundle(bundle_dir)
+    levels = load_levels(tmp_path / "l.h5", bundle)
+    with torch.no_grad():
+        real = bundle.tokenizer.encode(torch.from_numpy(np.stack([e["frames"][:1] for e in episodes])))[1][:, 0].numpy()
+    pairs = {(real[i].tobytes(), str(e["mission"])) for i, e in enumerate(episodes)}
+    assert len(levels) == 5 and len(set(levels.level_ids)) == 5
+    assert all((levels.first_tokens[i].tobytes(), levels.missions[i]) in pairs for i in range(5))
+    assert len({levels.first_tokens[i].tobytes() for i in range(5)}) > 1  # drawn from several episodes
+    r = _cli("generate", "--bundle", str(bundle_dir), "--data", str(babyai_bot_data), "--prompt", "go to the red ball",
+             "--out", str(tmp_path / "m.h5"))
+    assert r.returncode == 2 and "exactly one of --prompt, --image or --data" in r.stderr
+    small = write_random_bundle(tmp_path / "small", resolve_config("micro"), ["go to the red ball"])
+    r = _cli("generate", "--bundle", str(small), "--data", str(babyai_bot_data), "--num-worlds", "24",
+             "--out", str(tmp_path / "n.h5"))
+    assert r.returncode == 2 and "unknown words" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "n.h5").exists()
+
+
 def test_generate_refusals_name_the_problem(random_bundle, tmp_path):
     r = _cli("generate", "--bundle", str(random_bundle), "--prompt", "go to the pink ball", "--out", str(tmp_path / "l.h5"))
     assert r.returncode == 2 and "unknown words ['pink']" in r.stderr and "vocabulary is:" in r.stderr
