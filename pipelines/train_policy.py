@@ -332,6 +332,23 @@ def _split_text(timing: dict) -> str:
 
 
 def train(cfg: TrainConfig, log=None) -> dict:
+    """Train a policy as ``cfg`` says; the caller's torch threads and OMP_NUM_THREADS are as they were
+    afterwards (``--threads`` sets both for the run, and a caller such as the demo or a test runs other
+    work after it in the same process)."""
+    import torch
+
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        return _train(cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+
+def _train(cfg: TrainConfig, log=None) -> dict:
     import ray
     import torch
 
@@ -378,7 +395,7 @@ def train(cfg: TrainConfig, log=None) -> dict:
         raise ConfigError(f"--out {out} already has checkpoints ({latest.name}); pass --resume to continue "
                           "or choose a new --out")
     torch.set_num_threads(cfg.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))
+    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.threads))  # what the Ray workers this run starts inherit
 
     started = ensure_ray(cfg.address)
     server_spec, replay, video = None, None, None

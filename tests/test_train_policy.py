@@ -4,6 +4,7 @@ WorldModelServer (imagination) and in the real BabyAI game; checkpoints, resume 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -16,10 +17,18 @@ SMALL = dict(num_envs=4, rollout_steps=16, minibatch_size=32, num_epochs=1, visi
              moco_queue_size=64, checkpoint_every=1, wandb="offline", threads=1, replay_capacity=4096)
 
 
-def test_two_ppo_iterations_against_a_world_model_server_then_resume(random_bundle, tmp_path, ray_local):
+def test_two_ppo_iterations_against_a_world_model_server_then_resume(random_bundle, tmp_path, ray_local,
+                                                                     monkeypatch):
+    import torch
+
     out = tmp_path / "run"
     env = f"world://{random_bundle}?prompt=go to the red ball&max_episode_steps=8"
-    result = train(TrainConfig(env=env, out=str(out), total_timesteps=128, **SMALL), log=lambda m: None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch_threads = torch.get_num_threads()
+    result = train(TrainConfig(env=env, out=str(out), total_timesteps=128, **{**SMALL, "threads": torch_threads + 1}),
+                   log=lambda m: None)
+    # --threads held for the run only: the calling process gets its own settings back
+    assert torch.get_num_threads() == torch_threads and "OMP_NUM_THREADS" not in os.environ
     assert result["iterations"] == 2 and result["env_steps"] >= 128
     m = result["metrics"]
     for key in ("learners/default_policy/policy_loss", "learners/default_policy/language_matching_loss",
