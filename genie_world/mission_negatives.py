@@ -19,11 +19,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .text_encoder import Vocabulary
+
 _ARTICLES = frozenset({"a", "an", "the"})
 
 
 def _goal_words(mission: str) -> tuple[tuple[str, ...], int]:
-    words = mission.lower().split()
+    words = Vocabulary.split(mission)  # the words the head reads (lower case, punctuation dropped)
     return tuple(w for w in words if w not in _ARTICLES), len(words)
 
 
@@ -47,11 +49,11 @@ def mission_negatives(missions: list[str], terminated: torch.Tensor, per_termina
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty
     goals = [_goal_words(m) for m in missions]
+    device = generator.device if generator is not None else "cpu"
     for i in term:
         others = [j for j in range(len(missions)) if _other_goal(goals[i], goals[j])]
         if not others:
             continue
-        device = generator.device if generator is not None else "cpu"
         pick = torch.randperm(len(others), generator=generator, device=device)[:per_terminal].tolist()
         frames += [int(i)] * len(pick)
         texts += [others[k] for k in pick]

@@ -60,8 +60,10 @@ class WorldBuilder:
             raise ValueError("a level from an image needs mission= (the instruction its reward is scored against)")
         missions = [mission] if isinstance(mission, str) else list(mission)
         if not isinstance(mission, str):
+            if prompt is not None:
+                raise ValueError("a list of missions goes with images (one per image), not with a prompt")
             count = 1 if np.asarray(image).ndim == 3 else len(image)
-            if prompt is not None or len(missions) != count:
+            if len(missions) != count:
                 raise ValueError(f"{len(missions)} missions for {count} images: a list of missions needs one per image")
         for m in missions:
             if m != prompt:

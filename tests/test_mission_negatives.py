@@ -74,6 +74,7 @@ def test_mission_negatives_teach_the_head_which_object_the_mission_names():
 def test_only_missions_of_the_same_shape_that_name_another_goal_are_negatives():
     assert names_other_goal("go to the red ball", "go to the blue ball")
     assert not names_other_goal("go to the red ball", "go to a red ball")  # articles do not change the goal
+    assert not names_other_goal("go to the red ball", "Go to the red ball.")  # read as the head reads words
     assert not names_other_goal("go to the red ball", "go to a ball")  # may be satisfied by the same frame
     assert not names_other_goal("go to the red ball", "put the red ball next to the blue key")
     missions = ["go to the red ball", "go to a red ball", "go to the blue key", "go to a ball"]

@@ -366,8 +366,8 @@ def test_command_prints_the_url_and_stops_on_ctrl_c(random_bundle, receiver):
     if receiver == "a worker thread" and (_TGKILL is None or not Path("/proc/self/task").is_dir()):
         pytest.skip("needs Linux's tgkill on x86_64 or aarch64")
     # PYTHONFAULTHANDLER: if Ctrl+C does not stop it, SIGABRT makes it print every thread's stack.
-    # OMP_NUM_THREADS=2: torch's OpenMP worker threads exist whatever an earlier test left in os.environ
-    # (`train` sets OMP_NUM_THREADS in its own process, which the suite shares; 1 means no worker threads).
+    # OMP_NUM_THREADS=2: torch's OpenMP worker threads exist whatever the environment running the suite sets
+    # (1 means no worker threads, and then the "worker thread" case would test nothing).
     proc = subprocess.Popen(_play_cmd("--bundle", str(random_bundle), "--prompt", PROMPT, "--port", "0",
                                       "--num-levels", "2"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1", "OMP_NUM_THREADS": "2"})
