@@ -11,7 +11,8 @@ the frame did not change are skipped: the latent action model gives them all one
 they say nothing about what the player meant to do.
 
 The policy (``--vision-arch tile_ego``) sees the frame from the agent's point of view: it re-centres the
-grid on the agent's cell, turned to its direction. Its agent/direction detectors learn from the frames
+grid on the agent's cell, turned to its direction (its convs run on the room turned to that direction,
+``--conv-frame room``, before the re-centring). Its agent/direction detectors learn from the frames
 alone (agent_cells.py: a turn redraws only the agent's cell, a step forward swaps it with the cell
 entered). On BabyAI data every frame is also rotated/mirrored at random (grid_symmetry.py; mirrors swap
 left and right). With the earlier strided CNN the policy stayed at the most common action (true-action val accuracy
@@ -61,6 +62,9 @@ class BCConfig:
                        choices=("auto", "off"))
     vision_arch: str = _f("tile_ego", "policy vision encoder (sima_policy model_config vision_arch)",
                           choices=("tile_ego", "conv"))
+    conv_frame: str = _f("room", "tile_ego: where the FiLM convs run (room: the room grid turned to the agent's "
+                                 "heading, 3.5x fewer cells; egocentric: the (2G-1)^2 view around the agent)",
+                         choices=("room", "egocentric"))
     detector_weight: float = _f(1.0, "tile_ego: weight of the agent cell/direction detector losses (targets read "
                                      "off frames t and t+1)")
     max_transitions: int = _f(0, "use at most this many training transitions (0: all)")
@@ -157,11 +161,13 @@ def policy_spaces(num_actions: int, vocab_size: int, frame_size: int):
     return obs, gym.spaces.Discrete(num_actions)
 
 
-def build_policy(obs_space, action_space, vision_dim: int, hidden_dim: int, vision_arch: str = "tile_ego"):
+def build_policy(obs_space, action_space, vision_dim: int, hidden_dim: int, vision_arch: str = "tile_ego",
+                 conv_frame: str = "room"):
     from sima_policy.rl_module import SimaRLModule
 
     return SimaRLModule(observation_space=obs_space, action_space=action_space, inference_only=False,
-                        model_config={"vision_dim": vision_dim, "hidden_dim": hidden_dim, "vision_arch": vision_arch})
+                        model_config={"vision_dim": vision_dim, "hidden_dim": hidden_dim, "vision_arch": vision_arch,
+                                      "conv_frame": conv_frame})
 
 
 def _logits(module, images, missions):
@@ -285,7 +291,7 @@ def behaviour_clone(cfg: BCConfig, log=None) -> dict:
         f"label agreement with the videos' own actions: train {np.mean(labels == train.true[keep]):.3f}")
 
     obs_space, act_space = policy_spaces(bundle.adapter.num_real, tokenizer.vocab_size, bundle.config.frame_size)
-    module = build_policy(obs_space, act_space, cfg.vision_dim, cfg.hidden_dim, cfg.vision_arch)
+    module = build_policy(obs_space, act_space, cfg.vision_dim, cfg.hidden_dim, cfg.vision_arch, cfg.conv_frame)
     turns = _symmetry_actions(cfg.data) if cfg.symmetry == "auto" else None
     log(f"bc: vision_arch {cfg.vision_arch}, symmetry augmentation {'on' if turns else 'off'}")
     module.train()

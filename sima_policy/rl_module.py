@@ -4,8 +4,9 @@ Observations are a Dict ``{"image": uint8 [64, 64, 3], "mission": int64 token id
 mission text with ``InstructionTokenizer`` in an env wrapper; RLlib cannot batch gymnasium ``Text``).
 
     vision_arch "tile_ego" (``genie-sima bc``'s default; tile_film.py):
-    image   -> TileEncoder -> cells [B, C, G, G] -> egocentric view around the detected agent
-               -> FiLM(l) convs -> MLP -> h [B, hidden_dim] -> policy / value heads
+    image   -> TileEncoder -> cells [B, C, G, G] -> FiLM(l) convs over the room turned to the detected
+               agent's heading ("room") or over the egocentric view ("egocentric") -> view centred on the agent
+               -> MLP -> h [B, hidden_dim] -> policy / value heads
             -> v [B, vision_dim] (instruction-free pooled embedding: auxiliary losses)
     mission -> LanguageEncoder -> l [B, language_dim]
 
@@ -56,6 +57,10 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "tile_size": 8,  # "tile_ego": pixels per grid cell (BabyAI: 8 at 64x64)
     "tile_channels": 64,  # "tile_ego": features per cell
     "film_blocks": 2,  # "tile_ego": FiLM-conditioned 3x3 conv blocks over the egocentric grid
+    # "tile_ego": where those convs run: "room" (the room grid turned to the agent's heading, then re-centred;
+    # `genie-sima bc`'s default) or "egocentric" (the (2G-1)^2 view; the first design: policies saved
+    # without this key)
+    "conv_frame": "egocentric",
     "language_dim": 128,  # LanguageEncoder output
     "token_dim": 64,  # word embedding size
     "gru_dim": 128,  # GRU hidden size
@@ -120,7 +125,7 @@ class SimaRLModule(TorchRLModule, ValueFunctionAPI, InferenceOnlyAPI):
         if arch == "tile_ego":
             self.vision = TileEncoder(cfg["vision_dim"], cfg["tile_channels"], cfg["tile_size"], self.image_size)
             self.trunk = EgocentricFiLMFusion(cfg["tile_channels"], cfg["language_dim"], h, self.vision.grid,
-                                              cfg["film_blocks"])
+                                              cfg["film_blocks"], cfg["conv_frame"])
         else:
             self.vision = VisionEncoder(cfg["vision_dim"], tuple(cfg["conv_channels"]), self.image_size)
             self.trunk = nn.Sequential(nn.Linear(cfg["vision_dim"] + cfg["language_dim"], h), nn.SiLU(),

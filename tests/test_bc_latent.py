@@ -74,7 +74,7 @@ def test_cloned_policy_is_an_rllib_module_trained_on_changed_transitions(cloned)
         assert 0.0 <= m[key] <= 1.0, key
     assert 0.0 <= m["agent_cell_accuracy_val"] <= 1.0
     module = RLModule.from_checkpoint(str(out / "policy"))
-    assert module.arch == "tile_ego"
+    assert module.arch == "tile_ego" and module.trunk.conv_frame == "room"
     obs = {"image": torch.zeros(2, 64, 64, 3, dtype=torch.uint8), "mission": torch.zeros(2, 16, dtype=torch.long)}
     logits = module.forward_inference({"obs": obs})["action_dist_inputs"]
     assert logits.shape == (2, 7)
@@ -100,7 +100,9 @@ def test_ppo_starts_from_exactly_the_cloned_weights(cloned, data_bundle, tmp_pat
     cloned_state = RLModule.from_checkpoint(str(out / "policy")).state_dict()
     shared = [k for k in cloned_state if not k.startswith("aux.") and k != "num_updates"]
     assert shared and all(torch.equal(started[k], cloned_state[k]) for k in shared)
-    assert RLModule.from_checkpoint(str(ckpt)).model_config["vision_arch"] == "tile_ego"  # the clone's design
+    # The clone's design, the frame of its convs included (their weights fit either frame).
+    assert RLModule.from_checkpoint(str(ckpt)).model_config["vision_arch"] == "tile_ego"
+    assert RLModule.from_checkpoint(str(ckpt)).trunk.conv_frame == "room"
     # The MoCo key encoder restarts as a copy of the loaded vision encoder.
     for k, v in started.items():
         if k.startswith("aux.key_vision."):

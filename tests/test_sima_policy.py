@@ -134,6 +134,25 @@ def test_padding_never_changes_the_language_embedding(tokenizer):
     assert torch.allclose(module.encode_language(short), module.encode_language(long), atol=1e-6)
 
 
+def test_a_batch_of_repeated_missions_encodes_and_differentiates_as_rows_one_by_one(tokenizer):
+    """The encoder reads each distinct mission of a batch once; every row still gets its own mission's
+    embedding, and the gradients are those of encoding every row on its own."""
+    module = make_module(tokenizer)
+    order = [2, 0, 2, 1, 0, 2, 2]  # repeats, out of order
+    tokens = torch.as_tensor(tokenizer.encode_batch([MISSIONS[i] for i in order]))
+    weights = torch.randn(len(order), module.language.out_dim)
+    batched = module.encode_language(tokens)  # [7, D]
+    (batched * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in module.language.named_parameters() if p.grad is not None}
+    module.zero_grad()
+    one_by_one = torch.cat([module.encode_language(tokens[i:i + 1]) for i in range(len(order))])
+    (one_by_one * weights).sum().backward()
+    assert torch.allclose(batched, one_by_one, atol=1e-6)
+    assert grads and all(torch.allclose(grads[n], p.grad, atol=1e-5) for n, p in module.language.named_parameters()
+                         if p.grad is not None)
+    assert not torch.allclose(batched[0], batched[1])  # different missions stay different
+
+
 # ---- auxiliary losses -----------------------------------------------------------------------------------
 def aux_losses(module, obs, mask=None, seed=0):
     torch.manual_seed(seed)  # the random-shift views
