@@ -8,7 +8,8 @@
 4. bc        behaviour cloning from latent actions (videos labelled by the world model) -> OUT/bc
 5. train     PPO in imagination, starting from the cloned policy                      -> OUT/ppo
 6. baseline  PPO in the REAL game, given as many real frames as the videos hold       -> OUT/real_ppo
-7. evaluate  every policy in the REAL game beside random and the bot, with GIFs       -> OUT/eval
+7. evaluate  every policy in the REAL game beside random and the bot, with GIFs, and its imagined
+             success from the same real starts beside what the same actions win in the game  -> OUT/eval
 8. report    OUT/report.html (tables, level grid, curves, real-vs-imagined GIFs)
 
 The imagination-trained agent never sees a real reward: it learns from the videos (labelled by the world
@@ -38,7 +39,7 @@ SETTINGS: dict[str, dict] = {
     "micro": dict(episodes=32, episodes_per_shard=8, val_fraction=0.25, preset="micro", world_overrides="", num_worlds=4,
                   bc_steps=20, ppo_envs=4, ppo_rollout_steps=16, ppo_timesteps=128, real_ppo_timesteps=64,
                   ppo_critic_warmup=0, ppo_real_eval_episodes=2,
-                  eval_levels="BabyAI-GoToRedBall-v0", eval_episodes=2, gifs=1),
+                  eval_levels="BabyAI-GoToRedBall-v0", eval_episodes=2, eval_imagined=2, gifs=1),
 }
 
 
@@ -75,6 +76,8 @@ class DemoConfig:
                                     "collected videos hold)")
     eval_levels: str = _f("BabyAI-GoToRedBall-v0,BabyAI-GoToLocal-v0", "real BabyAI levels to evaluate on")
     eval_episodes: int = _f(100, "real-game episodes per level and agent")
+    eval_imagined: int = _f(100, "episodes per level and policy also played in the world model from their real first "
+                                 "frames, their actions replayed in the real game (imagined vs real success)")
     eval_greedy: bool = _f(False, "evaluate with each policy's most probable action (default: sample, as in "
                                   "training; greedy cloned policies loop: 43% vs 72% success on GoToRedBall)")
     gifs: int = _f(2, "real-vs-imagined GIFs per policy and level")
@@ -192,7 +195,7 @@ def run_demo(cfg: DemoConfig, log=None) -> dict:
         steps.run("evaluate", ev / "evaluation.json", lambda: evaluate(EvaluateConfig(
             policy=f"bc={bc},imagination_ppo={ppo},real_game_ppo={real_ppo}", levels=cfg.eval_levels,
             episodes=cfg.eval_episodes, out=str(ev), bundle=str(world), gifs=cfg.gifs, threads=cfg.threads,
-            greedy=cfg.eval_greedy),
+            greedy=cfg.eval_greedy, imagined=min(cfg.eval_imagined, cfg.eval_episodes)),
             log=log))
     finally:
         if started:

@@ -5,7 +5,10 @@
 
 Per level and agent: success rate, mean return, mean path length of successful episodes, and the
 bot's path length on the same seeds. Episode i of every agent starts from the same level seed, so the
-rows compare like with like. Writes DIR/evaluation.json and DIR/evaluation.md.
+rows compare like with like. With ``--bundle B --imagined N``, each policy also plays the world model
+from the first N episodes' real first frames, and its imagined actions are replayed in the real game:
+imagined success beside what the real game gives for the same actions (imagined_vs_real.py). Writes
+DIR/evaluation.json and DIR/evaluation.md.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ class EvaluateConfig:
     bundle: str | None = _f(None, "world bundle: GIFs of each policy in the real game beside the world model's "
                                   "imagined rollout of the same actions")
     gifs: int = _f(2, "episodes per policy and level to show as real-vs-imagined GIFs (needs --bundle)")
+    imagined: int = _f(0, "with --bundle: also play each policy in the world model from the first N episodes' real "
+                          "first frames, and replay its imagined actions in the real game (imagined success vs "
+                          "the real game's for the same actions; pipelines/imagined_vs_real.py)")
 
 
 def resolve_policy(policy: str) -> tuple[Path, Path]:
@@ -185,6 +191,10 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
         raise ConfigError(f"--episodes must be >= 1, got {cfg.episodes}")
     if cfg.gifs < 0:
         raise ConfigError(f"--gifs must be >= 0, got {cfg.gifs}")
+    if cfg.imagined < 0 or cfg.imagined > cfg.episodes:
+        raise ConfigError(f"--imagined must be in [0, --episodes={cfg.episodes}], got {cfg.imagined}")
+    if cfg.imagined and not cfg.bundle:
+        raise ConfigError("--imagined needs --bundle (the world model to imagine in)")
     levels = [lv.strip() for lv in cfg.levels.split(",") if lv.strip()]
     if not levels:
         raise ConfigError("--levels: give at least one BabyAI level")
@@ -208,7 +218,7 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
         raise ConfigError("--out is required when evaluating several policies")
     check_writable_dir(out, "--out")
     bundle = None
-    if cfg.bundle and cfg.gifs and policies:
+    if cfg.bundle and (cfg.gifs or cfg.imagined) and policies:
         from genie_world.bundle import load_bundle
 
         bundle = load_bundle(cfg.bundle)
@@ -235,6 +245,18 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
                 from .rollout_videos import real_vs_imagined_gifs
 
                 gifs += real_vs_imagined_gifs(bundle, tapes, out / "gifs", f"{name}_{level}")
+            if cfg.imagined and name in policies:
+                from genie_world.text_encoder import UnknownWordsError as WorldUnknownWords
+
+                from .imagined_vs_real import imagined_vs_real
+
+                try:
+                    r.update(imagined_vs_real(bundle, level, policies[name], cfg.imagined, cfg.seed, cfg.max_steps))
+                    log(f"evaluate: {level} {name}: imagined success {r['imagined_success']:.3f}, the same actions "
+                        f"in the real game {r['replayed_success']:.3f} ({r['imagined_only_wins']} imagined-only wins)")
+                except WorldUnknownWords as e:  # the world model cannot read this level's missions
+                    r["imagined_skipped"] = str(e)
+                    log(f"evaluate: {level} {name}: not imagined, the world model cannot read its missions ({e})")
             rows.append({"level": level, "agent": name, **r})
             log(f"evaluate: {level} {name}: success {r['success_rate']:.3f} return {r['mean_return']:.3f}")
     result = {"policies": {n: p.path for n, p in policies.items()}, "greedy": bool(cfg.greedy), "rows": rows,
@@ -246,13 +268,30 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     return result
 
 
+IMAGINED_COLUMNS = ("imagined success (first N starts)", "the same actions, real game", "imagined-only wins")
+
+
+def imagined_cells(r: dict) -> list[str]:
+    """The imagined-vs-real columns of a row ("" for rows without them: baselines, or no --imagined)."""
+    if "imagined_skipped" in r:
+        return ["the world model cannot read this level's missions", "", ""]
+    if "imagined_success" not in r:
+        return ["", "", ""]
+    return [f"{r['imagined_success']:.3f} (N={r['imagined_episodes']})", f"{r['replayed_success']:.3f}",
+            str(r["imagined_only_wins"])]
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| level | agent | episodes | success | mean return | mean length (successes) |", "|---|---|---|---|---|---|"]
+    imagined = any("imagined_success" in r or "imagined_skipped" in r for r in rows)
+    head = ["level", "agent", "episodes", "success", "mean return", "mean length (successes)"]
+    head += list(IMAGINED_COLUMNS) if imagined else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("skipped"):
-            lines.append(f"| {r['level']} | {r['agent']} | 0 | cannot read this level's missions | | |")
-            continue
-        length = "" if r["mean_length_success"] is None else f"{r['mean_length_success']:.1f}"
-        lines.append(f"| {r['level']} | {r['agent']} | {r['episodes']} | {r['success_rate']:.3f} | "
-                     f"{r['mean_return']:.3f} | {length} |")
+            cells = [r["level"], r["agent"], "0", "cannot read this level's missions", "", ""]
+        else:
+            length = "" if r["mean_length_success"] is None else f"{r['mean_length_success']:.1f}"
+            cells = [r["level"], r["agent"], str(r["episodes"]), f"{r['success_rate']:.3f}", f"{r['mean_return']:.3f}",
+                     length]
+        lines.append("| " + " | ".join(cells + (imagined_cells(r) if imagined else [])) + " |")
     return "\n".join(lines) + "\n"

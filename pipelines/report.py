@@ -205,11 +205,23 @@ def _section_eval(d: Path) -> str:
     ev = _read_json(d / "eval" / "evaluation.json")
     if ev is None:
         return _missing("eval/evaluation.json")
+    from .evaluate import IMAGINED_COLUMNS, imagined_cells
+
+    imagined = any("imagined_success" in r or "imagined_skipped" in r for r in ev["rows"])
     rows = [[r["level"], r["agent"], r["episodes"],
              "cannot read this level's missions" if r.get("skipped") else r["success_rate"], r["mean_return"],
-             r["mean_length_success"]] for r in ev["rows"]]
-    parts = [_table(["level (real game)", "agent", "episodes", "success", "mean return", "mean length (successes)"],
-                    rows)]
+             r["mean_length_success"]] + (imagined_cells(r) if imagined else []) for r in ev["rows"]]
+    parts = [_table(["level (real game)", "agent", "episodes", "success", "mean return", "mean length (successes)"]
+                    + (list(IMAGINED_COLUMNS) if imagined else []), rows)]
+    if imagined:
+        gaps = [[r["level"], r["agent"], f"{100 * (r['imagined_success'] - r['replayed_success']):+.1f} points",
+                 "<= 10 points", "met" if abs(r["imagined_success"] - r["replayed_success"]) <= 0.10 else "missed"]
+                for r in ev["rows"] if "imagined_success" in r]
+        parts.append("<p>Imagination against the real game: each policy played the world model from the real first "
+                     "frames of the first N episodes, and its imagined actions were replayed in the real game from "
+                     "the same seeds. Imagined-only wins are endings the world model paid for that the real game "
+                     "did not give.</p>" + _table(["level", "agent", "imagined minus real, same actions", "target",
+                                                   "met?"], gaps))
     if "greedy" in ev:
         parts.append("<p>Learned policies' actions: " + ("greedy (the most probable action)." if ev["greedy"] else
                      "sampled from the policy, as in training (greedy cloned policies get stuck in loops).")

@@ -35,6 +35,10 @@ def test_micro_demo_runs_end_to_end_and_resumes(tmp_path, browser):  # noqa: F81
     agents = {r["agent"] for r in result["evaluation"]}
     assert agents == {"bc", "imagination_ppo", "real_game_ppo", "random", "bot"}
     assert all(r["level"] == "BabyAI-GoToRedBall-v0" and r["episodes"] == 2 for r in result["evaluation"])
+    # Every policy also played the world model from the same real starts, its actions replayed in the game.
+    imagined = {r["agent"]: r for r in result["evaluation"] if "imagined_success" in r}
+    assert set(imagined) == {"bc", "imagination_ppo", "real_game_ppo"}
+    assert all(r["imagined_episodes"] == 2 and 0 <= r["replayed_success"] <= 1 for r in imagined.values())
     # The imagined run started from the cloned policy; the real-game baseline got as many frames as the videos.
     ppo_log = (out / "ppo" / "logs" / "train_events.jsonl").read_text().splitlines()
     assert ppo_log and json.loads((out / "ppo" / "config.json").read_text())["config"]["init_policy"] == str(out / "bc")
@@ -46,6 +50,7 @@ def test_micro_demo_runs_end_to_end_and_resumes(tmp_path, browser):  # noqa: F81
     assert "Not run" not in report
     assert report.count("data:image/gif;base64,") >= 1 + 3  # level rollout + one real-vs-imagined GIF per policy
     assert "<td>imagination_ppo</td>" in report and "<polyline" in report
+    assert "imagined minus real, same actions" in report
     # A real browser renders the page: every inlined picture decodes, the evaluation table has its rows.
     browser.get((out / "report.html").as_uri())
     sizes = browser.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth]);")
