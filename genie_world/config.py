@@ -150,7 +150,9 @@ class WorldModelConfig:
         for name in ("head_mission_negatives", "prior_guidance_rounds"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: expected an integer >= 0, got {getattr(self, name)}")
-        if self.frame_size % self.patch:
+        if self.patch < 1:
+            problems.append(f"patch: expected an integer >= 1, got {self.patch}")
+        elif self.frame_size % self.patch:
             problems.append(f"frame_size {self.frame_size} is not divisible by patch {self.patch}")
         try:
             parse_levels(self.fsq_levels)
@@ -158,7 +160,9 @@ class WorldModelConfig:
             problems.append(str(e))
         for name in ("tok", "lam", "dyn", "head", "prior"):
             w, h = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
-            if w % h:
+            if h < 1 or w < 1:
+                problems.append(f"{name}_width and {name}_heads: expected integers >= 1, got {w} and {h}")
+            elif w % h:
                 problems.append(f"{name}_width {w} is not divisible by {name}_heads {h}")
         if min(self.tok_clip_len, self.lam_clip_len, self.dyn_clip_len) < 2:
             problems.append("tok_clip_len, lam_clip_len and dyn_clip_len must be >= 2")

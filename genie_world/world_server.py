@@ -74,6 +74,7 @@ class WorldModelServerImpl:
         self.name = name
         self.clients: dict[str, _Client] = {}
         self.pending: list[_Request] = []
+        self._in_flight: set[str] = set()  # clients with a step request queued or being run
         self._wakeup: asyncio.Event | None = None
         self._loop_task = None
         self.stats_ = {"env_steps": 0, "batches": 0, "batch_envs": 0, "queue_s": 0.0, "step_s": 0.0, "requests": 0,
@@ -161,10 +162,17 @@ class WorldModelServerImpl:
             raise ValueError(f"world server {self.name!r}: unknown client {client!r} (closed, or the server "
                              "restarted: open again)")
         acts = np.zeros(c.num_envs, np.int64) if reset else self.world.check_actions(actions, c.num_envs)
+        if client in self._in_flight:
+            # A client's envs advance one call at a time. Refused here, to this caller only: taken into a
+            # batch, the duplicate envs would fail the whole gather, every other client's steps with it.
+            raise ValueError(f"world server {self.name!r}: client {client!r} already has a step in flight; "
+                             "wait for its answer before stepping these envs again")
         if self._wakeup is None:
             self._wakeup = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
         fut = asyncio.get_running_loop().create_future()
+        self._in_flight.add(client)
+        fut.add_done_callback(lambda _: self._in_flight.discard(client))
         self.pending.append(_Request(client, acts, reset, fut))
         self._wakeup.set()
         return await fut

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic_io import check_writable_dir, write_json_atomic
-from .config import config_field as _f, save_config
+from .config import check_fields, config_field as _f, save_config
 from .errors import ConfigError
 
 POLICY_DIR = "policy"
@@ -54,8 +54,8 @@ class BCConfig:
     out: str = _f("", "output directory")
     steps: int = _f(1500, "gradient steps")
     batch: int = _f(128, "minibatch size")
-    lr: float = _f(1e-3, "learning rate (AdamW, cosine decay to a tenth)")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    lr: float = _f(1e-3, "learning rate (AdamW, cosine decay to a tenth)", above=0)
+    weight_decay: float = _f(1e-4, "AdamW weight decay", at_least=0)
     augment_pad: int = _f(0, "random-shift augmentation in pixels (0 keeps frames tile-aligned for vision_arch "
                                 "tile_ego; the conv arch used 2)")
     symmetry: str = _f("auto", "rotate/mirror frames (mirrors swap left/right labels); auto: on for BabyAI data",
@@ -66,7 +66,7 @@ class BCConfig:
                                  "heading, 3.5x fewer cells; egocentric: the (2G-1)^2 view around the agent)",
                          choices=("room", "egocentric"))
     detector_weight: float = _f(1.0, "tile_ego: weight of the agent cell/direction detector losses (targets read "
-                                     "off frames t and t+1)")
+                                     "off frames t and t+1)", at_least=0)
     max_transitions: int = _f(0, "use at most this many training transitions (0: all)")
     vision_dim: int = _f(128, "vision embedding size (must match `genie-sima train --vision-dim`)")
     hidden_dim: int = _f(256, "fused trunk width (must match `genie-sima train --hidden-dim`)")
@@ -255,6 +255,7 @@ def behaviour_clone(cfg: BCConfig, log=None) -> dict:
     from .run_logger import RunLogger
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check_fields(cfg)  # the Python API too, not only the CLI's make_config
     if not cfg.bundle or not cfg.data or not cfg.out:
         raise ConfigError("--bundle, --data and --out are required")
     for name in ("steps", "batch", "label_batch", "log_every"):

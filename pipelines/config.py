@@ -18,8 +18,29 @@ from .errors import ConfigError
 
 
 def config_field(default, help_text: str, **extra):
-    """A dataclass field whose help (and choices) become the CLI flag's."""
+    """A dataclass field whose help (and choices) become the CLI flag's. ``extra`` may also bound a number:
+    ``above``/``at_least`` (lower bound, exclusive/inclusive) and ``at_most`` (upper bound, inclusive);
+    ``check_fields`` enforces them."""
     return dataclasses.field(default=default, metadata={"help": help_text, **extra})
+
+
+def check_fields(cfg) -> None:
+    """Every float field of ``cfg`` is finite, and every bounded field (``config_field(above=, at_least=,
+    at_most=)``) is within its bounds; else a ConfigError naming the flag, the bound and the value."""
+    import math
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value}")
+        meta = f.metadata
+        for key, ok, word in (("above", lambda v, b: v > b, ">"), ("at_least", lambda v, b: v >= b, ">="),
+                              ("at_most", lambda v, b: v <= b, "<=")):
+            if key in meta and not ok(value, meta[key]):
+                raise ConfigError(f"{flag} must be {word} {meta[key]}, got {value}")
 
 
 def _unwrap_optional(tp) -> tuple[Any, bool]:
@@ -79,6 +100,7 @@ def make_config(cls, values: dict):
                 f"{cls.__name__}.{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}"
             )
     cfg = cls(**values)
+    check_fields(cfg)
     validate = getattr(cfg, "validate", None)
     if validate is not None:
         validate()

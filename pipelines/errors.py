@@ -13,25 +13,34 @@ class SourceError(GenieSimaError, ValueError):
     """A ``--source`` spec does not name a game we can collect from."""
 
 
-class ShardError(GenieSimaError):
-    """An HDF5 episode shard is missing, truncated, corrupt or of another schema."""
+class FileProblemError(GenieSimaError):
+    """A problem with one file: ``"<kind> <path>: <problem>"``. Raised inside a Ray task or actor, it must cross
+    back to the caller intact, hence ``__reduce__``."""
+
+    kind = "file"
 
     def __init__(self, path, problem: str):
         self.path = str(path)
         self.problem = problem
-        super().__init__(f"shard {self.path}: {problem}")
-
-    def __reduce__(self):  # raised inside a Ray task, it must cross back to the caller intact
-        return type(self), (self.path, self.problem)
-
-
-class ManifestError(GenieSimaError):
-    """The Parquet manifest is missing, unreadable or disagrees with the shards."""
-
-    def __init__(self, path, problem: str):
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"manifest {self.path}: {problem}")
+        super().__init__(f"{self.kind} {self.path}: {problem}")
 
     def __reduce__(self):
         return type(self), (self.path, self.problem)
+
+
+class ShardError(FileProblemError):
+    """An HDF5 episode shard is missing, truncated, corrupt or of another schema."""
+
+    kind = "shard"
+
+
+class ManifestError(FileProblemError):
+    """The Parquet manifest is missing, unreadable or disagrees with the shards."""
+
+    kind = "manifest"
+
+
+class CheckpointError(FileProblemError):
+    """A training checkpoint is unreadable or holds more than tensors and plain data (it could run code)."""
+
+    kind = "checkpoint"

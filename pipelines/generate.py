@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic_io import check_writable_dir
-from .config import config_field as _f, save_config
+from .config import check_fields, config_field as _f, save_config
 from .errors import ConfigError
 from .pictures import frame_grid, save_gif, save_png
 
@@ -24,7 +24,7 @@ class GenerateConfig:
     data: str | None = _f(None, "a collected video directory instead of a prompt: levels from its train episodes' "
                                 "real first frames, each with its own episode's mission (drawn by --seed)")
     mission: str | None = _f(None, "instruction the reward head scores (default: the prompt)")
-    num_worlds: int = _f(16, "levels to generate")
+    num_worlds: int = _f(16, "levels to generate", at_least=1)
     seed: int = _f(0, "seed: same seed, same levels")
     grid: str | None = _f(None, "write a PNG grid of the levels' first frames here")
     rollout: str | None = _f(None, "write a GIF of imagined rollouts here")
@@ -78,6 +78,7 @@ def generate(cfg: GenerateConfig) -> dict:
 
     from .prompt_faithfulness import is_babyai, prompt_faithfulness
 
+    check_fields(cfg)
     if not cfg.bundle or not cfg.out:
         raise ConfigError("--bundle and --out are required")
     if sum(x is not None for x in (cfg.prompt, cfg.image, cfg.data)) != 1:

@@ -95,7 +95,7 @@ def _run_stage(stage: str, args: PretrainArgs, cfg: WorldModelConfig, run: Path,
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .pretrain_loop import pretrain_loop
+    from .pretrain_loop import check_stage_checkpoints, pretrain_loop
 
     sd = stage_data(stage, cfg)
     ds = clip_dataset(args.data, sd.clip_len, split="train", first_only=sd.first_only,
@@ -117,6 +117,7 @@ def _run_stage(stage: str, args: PretrainArgs, cfg: WorldModelConfig, run: Path,
                              failure_config=FailureConfig(max_failures=2)),
     )
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)
+    check_stage_checkpoints(run / "ray_train" / stage)  # one clean error here, not a retried worker failure
     t0 = time.perf_counter()
     result = trainer.fit()
     if result.error:

@@ -25,7 +25,34 @@ from genie_world.bundle import load_bundle, save_part
 from genie_world.config import WorldModelConfig
 from genie_world.text_encoder import Vocabulary
 
+from .errors import CheckpointError
 from .pretrain_stages import STAGE_PARTS, batch_to_torch, stage_images, stage_loss
+
+STATE_FILE = "state.pt"  # a stage checkpoint: weights, optimiser, scheduler, RNG states, data position
+
+
+def load_stage_state(path: Path, device="cpu") -> dict:
+    """A stage checkpoint's state, read with ``weights_only=True``: tensors and plain containers only, so a
+    planted or tampered file cannot run code when a run resumes from it."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(path, "holds objects other than tensors and plain data, so it is not loaded "
+                                    f"(torch.load weights_only: {first})") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(path, f"unreadable ({type(e).__name__}: {e})") from None
+
+
+def check_stage_checkpoints(stage_dir: Path) -> int:
+    """Every ``STATE_FILE`` a stage could resume from (``ray_train/STAGE/**``), read as ``load_stage_state``
+    reads it, before any worker starts: a bad one is one CheckpointError naming it. Returns how many."""
+    files = sorted(Path(stage_dir).glob(f"**/{STATE_FILE}")) if Path(stage_dir).is_dir() else []
+    for f in files:
+        load_stage_state(f)
+    return len(files)
 
 
 class StageModule(nn.Module):
@@ -99,7 +126,7 @@ def pretrain_loop(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location=device, weights_only=False)
+            state = load_stage_state(Path(d) / STATE_FILE, device)
         part.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -173,7 +200,7 @@ def pretrain_loop(config: dict) -> None:
                             torch.save({"model": part.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                                         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                                         **({"cuda_rng": torch.cuda.get_rng_state()} if on_gpu else {}),
-                                        "step": step, "epoch": epoch, "batch_in_epoch": seen}, Path(d) / "state.pt")
+                                        "step": step, "epoch": epoch, "batch_in_epoch": seen}, Path(d) / STATE_FILE)
                             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
                         else:
                             ray.train.report(report)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic_io import check_writable_dir
-from .config import config_field as _f, save_config
+from .config import check_fields, config_field as _f, save_config
 from .errors import ConfigError
 
 
@@ -61,17 +61,17 @@ class TrainConfig:
     world_server_resource: str = _f("", "a custom resource each world server requests one unit of, e.g. "
                                         "world_server (cluster/*.yaml advertise it on GPU nodes only); empty: none")
     learner_gpus: float = _f(0.0, "GPUs per RLlib Learner (num_gpus_per_learner; with --num-learners 0 the "
-                                  "driver's own Learner)")
+                                  "driver's own Learner)", at_least=0)
     minibatch_size: int = _f(256, "PPO minibatch size")
     num_epochs: int = _f(4, "PPO epochs per iteration")
-    lr: float = _f(3e-4, "learning rate")
-    gamma: float = _f(0.99, "discount")
-    language_coeff: float = _f(0.1, "lambda: weight of the CLIP-style instruction/vision matching loss")
-    contrastive_coeff: float = _f(0.1, "gamma: weight of the MoCo-style contrastive loss")
+    lr: float = _f(3e-4, "learning rate (0: the weights stay as they are)", at_least=0)
+    gamma: float = _f(0.99, "discount", above=0, at_most=1)
+    language_coeff: float = _f(0.1, "lambda: weight of the CLIP-style instruction/vision matching loss", at_least=0)
+    contrastive_coeff: float = _f(0.1, "gamma: weight of the MoCo-style contrastive loss", at_least=0)
     moco_queue_size: int = _f(1024, "MoCo negatives queue")
     freeze_vision_steps: int = _f(0, "keep the vision encoder frozen for this many gradient steps")
     reference_kl_coeff: float = _f(0.0, "weight of KL(policy || the --init-policy it started from) in the loss: PPO "
-                                        "improves on a cloned policy instead of drifting from it (0: off)")
+                                        "improves on a cloned policy instead of drifting from it (0: off)", at_least=0)
     critic_warmup_steps: int = _f(0, "the first N gradient steps train the value function only (a fresh critic's "
                                      "noisy advantages otherwise move the policy)")
     real_eval_level: str = _f("", "a real BabyAI level the policy plays every --real-eval-every iterations and at the "
@@ -358,6 +358,7 @@ def _train(cfg: TrainConfig, log=None) -> dict:
     from .run_logger import RunLogger
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    check_fields(cfg)  # the Python API too, not only the CLI's make_config
     if not cfg.env or not cfg.out:
         raise ConfigError("--env and --out are required")
     for name in ("num_envs", "rollout_steps", "total_timesteps", "num_epochs", "checkpoint_every", "replay_shards",

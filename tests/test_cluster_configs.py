@@ -361,3 +361,14 @@ def test_launcher_clusters_bind_the_dashboard_to_loopback(name):
     # Reached from a laptop through `ray dashboard cluster/<name>` (SSH forwarding), never exposed.
     text = (Path(__file__).resolve().parent.parent / "cluster" / name).read_text()
     assert "--dashboard-host=127.0.0.1" in text and "0.0.0.0" not in text
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launcher_clusters_share_storage_with_one_group_not_everyone(name):
+    # The shared disk holds checkpoints that runs resume from: writable by the containers' group only.
+    raw = load_yaml(CLUSTER / name)
+    setup = " ".join(raw["initialization_commands"])
+    assert "chmod 777" not in setup and "a+w" not in setup and "o+w" not in setup
+    assert "chgrp genie-shared /mnt/shared" in setup and "chmod 2770 /mnt/shared" in setup
+    assert "groupadd -f -g 1100 genie-shared" in setup
+    assert "--group-add=1100" in raw["docker"]["run_options"]

@@ -74,6 +74,8 @@ def other_bundle_levels(bundle_factory, tmp_path_factory) -> Path:
     (["--lam-change-weight", "-1"], "lam_change_weight: expected a number >= 0 (finite), got -1.0"),
     (["--min-lr-ratio", "1.5"], "min_lr_ratio: expected a number >= 0 and <= 1, got 1.5"),
     (["--lr", "nan"], "lr: expected a number > 0 (finite), got nan"),
+    (["--patch", "0"], "patch: expected an integer >= 1, got 0"),
+    (["--tok-heads", "0"], "tok_width and tok_heads: expected integers >= 1, got"),
 ])
 def test_pretrain_flags_of_wrong_type_or_value(babyai_mixed_data, tmp_path, capsys, argv, message):
     out = tmp_path / "run"
@@ -89,11 +91,28 @@ def test_pretrain_flags_of_wrong_type_or_value(babyai_mixed_data, tmp_path, caps
      "argument --num-envs: invalid int value: '4.5'"),
     (["evaluate", "--baselines", "random", "--levels", "BabyAI-GoToRedBall-v0", "--episodes", "lots",
       "--out", "{out}"], "argument --episodes: invalid int value: 'lots'"),
+    (["generate", "--bundle", "{bundle}", "--prompt", PROMPT, "--out", "{out}/l.h5", "--num-worlds", "0"],
+     "--num-worlds must be >= 1, got 0"),
+    (["train", "--env", "babyai:BabyAI-GoToRedBall-v0", "--out", "{out}", "--lr", "nan"],
+     "--lr must be a finite number, got nan"),
+    (["train", "--env", "babyai:BabyAI-GoToRedBall-v0", "--out", "{out}", "--gamma", "7"],
+     "--gamma must be <= 1, got 7.0"),
+    (["train", "--env", "babyai:BabyAI-GoToRedBall-v0", "--out", "{out}", "--language-coeff", "inf"],
+     "--language-coeff must be a finite number, got inf"),
+    (["train", "--env", "babyai:BabyAI-GoToRedBall-v0", "--out", "{out}", "--lr", "-1"],
+     "--lr must be >= 0, got -1.0"),
+    (["bc", "--bundle", "{bundle}", "--data", "{bundle}", "--out", "{out}", "--weight-decay", "-1"],
+     "--weight-decay must be >= 0, got -1.0"),
+    (["bc", "--bundle", "{bundle}", "--data", "{bundle}", "--out", "{out}", "--lr", "nan"],
+     "--lr must be a finite number, got nan"),
 ])
 def test_other_commands_refuse_flags_of_wrong_type(random_bundle, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
     rc, err = _cli(capsys, *[a.format(bundle=random_bundle, out=out) for a in argv])
     assert rc == 2 and message in err, err
+    assert "Traceback" not in err
+    if not message.startswith("argument "):  # argparse's own errors come after its usage lines
+        assert len([line for line in err.strip().splitlines() if "error" in line]) == 1, err
     assert not out.exists()
 
 

@@ -106,3 +106,26 @@ def test_registered_id_makes_single_and_vector_envs(random_bundle, server):
     assert obs["image"].shape == (3, 64, 64, 3)
     assert vec.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
     vec.close()
+
+
+def test_a_second_step_in_flight_is_refused_to_its_client_only(server):
+    """Two concurrent step calls from one client and one from another, in one gather: the client's second
+    call is refused to it alone; its first call and the other client's step succeed."""
+    a = ray.get(server.open.remote(2, prompt=PROMPTS[0]))["client"]
+    b = ray.get(server.open.remote(3, prompt=PROMPTS[1]))["client"]
+    try:
+        for _ in range(3):  # the gather window (50 ms) holds all three requests each time
+            refs = [server.step.remote(a, [1, 2]), server.step.remote(a, [0, 0]), server.step.remote(b, [2, 2, 2])]
+            outcomes = []
+            for ref in refs:
+                try:
+                    outcomes.append(ray.get(ref))
+                except Exception as e:  # noqa: BLE001
+                    outcomes.append(e)
+            first, second, other = outcomes
+            assert isinstance(first, dict) and first["envs"] is not None and len(first["rewards"]) == 2
+            assert isinstance(second, Exception) and "already has a step in flight" in str(second)
+            assert isinstance(other, dict) and len(other["rewards"]) == 3
+        assert len(ray.get(server.step.remote(a, [2, 2]))["rewards"]) == 2  # answered: the client steps again
+    finally:
+        ray.get([server.close.remote(a), server.close.remote(b)])
