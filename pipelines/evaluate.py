@@ -250,8 +250,11 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
 
                 from .imagined_vs_real import imagined_vs_real
 
+                # Its own sampling stream: the real-game rows come out the same with or without --imagined.
+                agent = policies[name]
+                dreamer = PolicyAgent.of_module(agent.module, agent.tokenizer, cfg.greedy, name, seed=cfg.seed)
                 try:
-                    r.update(imagined_vs_real(bundle, level, policies[name], cfg.imagined, cfg.seed, cfg.max_steps))
+                    r.update(imagined_vs_real(bundle, level, dreamer, cfg.imagined, cfg.seed, cfg.max_steps))
                     log(f"evaluate: {level} {name}: imagined success {r['imagined_success']:.3f}, the same actions "
                         f"in the real game {r['replayed_success']:.3f} ({r['imagined_only_wins']} imagined-only wins)")
                 except WorldUnknownWords as e:  # the world model cannot read this level's missions

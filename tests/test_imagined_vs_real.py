@@ -118,6 +118,14 @@ def test_evaluate_reports_imagined_beside_real_and_needs_a_bundle(bundle_dir, ra
     table = (tmp_path / "ev" / "evaluation.md").read_text()
     assert "imagined success (first N starts)" in table and "(N=2)" in table
     assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["rows"][0]["imagined_episodes"] == 2
+    # The imagined episodes sample from their own stream: the real-game rows are those of a run without them.
+    levels = f"{LEVEL},BabyAI-GoToRedBallGrey-v0"
+    with_imagined, without = (evaluate(EvaluateConfig(policy=f"p={policy}", levels=levels, episodes=16, max_steps=32,
+                                                      baselines="", greedy=False, bundle=str(bundle_dir), imagined=k,
+                                                      gifs=0, out=str(tmp_path / f"ev{k}")), log=lambda m: None)
+                              for k in (8, 0))
+    real = [[(r["level"], r["success_rate"], r["mean_return"]) for r in ev["rows"]] for ev in (with_imagined, without)]
+    assert real[0] == real[1] and any(ret > 0 for _, _, ret in real[1]), real
     # A world model that cannot read a level's missions: the row says so, the real-game figures stay.
     ev = evaluate(EvaluateConfig(policy=f"p={policy}", levels=LEVEL, episodes=3, max_steps=4, baselines="",
                                  bundle=str(random_bundle), imagined=2, gifs=0, out=str(tmp_path / "ev2")),
