@@ -52,8 +52,8 @@ class BCConfig:
     bundle: str = _f("", "world bundle (its latent action model labels the videos, its adapter maps the labels)")
     data: str = _f("", "collected videos (``genie-sima collect --out``); only frames and missions are used")
     out: str = _f("", "output directory")
-    steps: int = _f(1500, "gradient steps")
-    batch: int = _f(128, "minibatch size")
+    steps: int = _f(1500, "gradient steps", at_least=1)
+    batch: int = _f(128, "minibatch size", at_least=1)
     lr: float = _f(1e-3, "learning rate (AdamW, cosine decay to a tenth)", above=0)
     weight_decay: float = _f(1e-4, "AdamW weight decay", at_least=0)
     augment_pad: int = _f(0, "random-shift augmentation in pixels (0 keeps frames tile-aligned for vision_arch "
@@ -70,8 +70,8 @@ class BCConfig:
     max_transitions: int = _f(0, "use at most this many training transitions (0: all)")
     vision_dim: int = _f(128, "vision embedding size (must match `genie-sima train --vision-dim`)")
     hidden_dim: int = _f(256, "fused trunk width (must match `genie-sima train --hidden-dim`)")
-    label_batch: int = _f(256, "transitions labelled per latent-action-model call")
-    log_every: int = _f(100, "steps between log lines / scalars")
+    label_batch: int = _f(256, "transitions labelled per latent-action-model call", at_least=1)
+    log_every: int = _f(100, "steps between log lines / scalars", at_least=1)
     seed: int = _f(0, "seed")
     threads: int = _f(0, "torch threads (0: torch's default)")
     wandb: str = _f("offline", "wandb mode", choices=("offline", "online", "disabled"))
@@ -258,9 +258,6 @@ def behaviour_clone(cfg: BCConfig, log=None) -> dict:
     check_fields(cfg)  # the Python API too, not only the CLI's make_config
     if not cfg.bundle or not cfg.data or not cfg.out:
         raise ConfigError("--bundle, --data and --out are required")
-    for name in ("steps", "batch", "label_batch", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     out = Path(cfg.out).resolve()
     check_writable_dir(out, "--out")
     if (out / POLICY_DIR).exists():

@@ -22,7 +22,7 @@ import numpy as np
 from sima_policy.instruction_tokenizer import UnknownWordsError
 
 from .atomic_io import check_writable_dir, write_json_atomic
-from .config import config_field as _f, save_config
+from .config import check_fields, config_field as _f, save_config
 from .errors import ConfigError
 from .progress import ProgressLine
 
@@ -32,7 +32,7 @@ class EvaluateConfig:
     policy: str | None = _f(None, "policies to play: RUN or name=RUN,name=RUN (train runs, their checkpoints, bc runs); "
                                "omit for baselines only")
     levels: str = _f("BabyAI-GoToRedBall-v0,BabyAI-GoToLocal-v0", "comma-separated real BabyAI levels")
-    episodes: int = _f(200, "episodes per level and agent")
+    episodes: int = _f(200, "episodes per level and agent", at_least=1)
     baselines: str = _f("random,bot", "comma-separated baselines to run beside the policy (random, bot, or empty)")
     out: str | None = _f(None, "directory for evaluation.json / evaluation.md (default: the policy's run dir)")
     max_steps: int = _f(64, "episode time limit in the real game")
@@ -41,10 +41,11 @@ class EvaluateConfig:
     threads: int = _f(1, "torch threads")
     bundle: str | None = _f(None, "world bundle: GIFs of each policy in the real game beside the world model's "
                                   "imagined rollout of the same actions")
-    gifs: int = _f(2, "episodes per policy and level to show as real-vs-imagined GIFs (needs --bundle)")
+    gifs: int = _f(2, "episodes per policy and level to show as real-vs-imagined GIFs (needs --bundle)",
+                   at_least=0)
     imagined: int = _f(0, "with --bundle: also play each policy in the world model from the first N episodes' real "
                           "first frames, and replay its imagined actions in the real game (imagined success vs "
-                          "the real game's for the same actions; pipelines/imagined_vs_real.py)")
+                          "the real game's for the same actions; pipelines/imagined_vs_real.py)", at_least=0)
 
 
 def resolve_policy(policy: str) -> tuple[Path, Path]:
@@ -187,11 +188,8 @@ def run_episodes(level: str, agent, episodes: int, seed: int, max_steps: int, fr
 def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     import torch
 
-    if cfg.episodes < 1:
-        raise ConfigError(f"--episodes must be >= 1, got {cfg.episodes}")
-    if cfg.gifs < 0:
-        raise ConfigError(f"--gifs must be >= 0, got {cfg.gifs}")
-    if cfg.imagined < 0 or cfg.imagined > cfg.episodes:
+    check_fields(cfg)  # bounds and finite numbers, from Python as from the CLI
+    if cfg.imagined > cfg.episodes:
         raise ConfigError(f"--imagined must be in [0, --episodes={cfg.episodes}], got {cfg.imagined}")
     if cfg.imagined and not cfg.bundle:
         raise ConfigError("--imagined needs --bundle (the world model to imagine in)")

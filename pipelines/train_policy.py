@@ -49,13 +49,14 @@ class TrainConfig:
     env: str = _f("", 'where to train: "world://RUN?prompt=..." (imagination) or "babyai:LEVEL" (real game)')
     out: str = _f("", "run directory (checkpoints, logs, config)")
     agent: str = _f("sima", "policy architecture", choices=("sima",))
-    num_envs: int = _f(16, "envs per env runner (one server call steps them all)")
-    rollout_steps: int = _f(64, "steps per env per iteration (train batch = envs x steps x runners)")
-    total_timesteps: int = _f(100_000, "stop after this many env steps")
+    num_envs: int = _f(16, "envs per env runner (one server call steps them all)", at_least=1)
+    rollout_steps: int = _f(64, "steps per env per iteration (train batch = envs x steps x runners)", at_least=1)
+    total_timesteps: int = _f(100_000, "stop after this many env steps", at_least=1)
     num_env_runners: int = _f(0, "RLlib EnvRunner actors (0: sample in the driver process)")
     num_learners: int = _f(0, "RLlib Learner actors (0: learn in the driver process)")
     world_servers: int = _f(1, "world:// envs: WorldModelServer actors the run starts (e.g. one per GPU); the "
-                               "EnvRunners are spread round-robin over them; at most max(1, --num-env-runners)")
+                               "EnvRunners are spread round-robin over them; at most max(1, --num-env-runners)",
+                            at_least=1)
     world_server_gpus: float = _f(-1.0, "GPUs per world server; -1: 1 when the Ray cluster has a GPU when the run "
                                         "starts, else 0 (an autoscaling cluster whose GPU nodes start at zero: pass 1)")
     world_server_resource: str = _f("", "a custom resource each world server requests one unit of, e.g. "
@@ -63,7 +64,7 @@ class TrainConfig:
     learner_gpus: float = _f(0.0, "GPUs per RLlib Learner (num_gpus_per_learner; with --num-learners 0 the "
                                   "driver's own Learner)", at_least=0)
     minibatch_size: int = _f(256, "PPO minibatch size")
-    num_epochs: int = _f(4, "PPO epochs per iteration")
+    num_epochs: int = _f(4, "PPO epochs per iteration", at_least=1)
     lr: float = _f(3e-4, "learning rate (0: the weights stay as they are)", at_least=0)
     gamma: float = _f(0.99, "discount", above=0, at_most=1)
     language_coeff: float = _f(0.1, "lambda: weight of the CLIP-style instruction/vision matching loss", at_least=0)
@@ -73,19 +74,20 @@ class TrainConfig:
     reference_kl_coeff: float = _f(0.0, "weight of KL(policy || the --init-policy it started from) in the loss: PPO "
                                         "improves on a cloned policy instead of drifting from it (0: off)", at_least=0)
     critic_warmup_steps: int = _f(0, "the first N gradient steps train the value function only (a fresh critic's "
-                                     "noisy advantages otherwise move the policy)")
+                                     "noisy advantages otherwise move the policy)", at_least=0)
     real_eval_level: str = _f("", "a real BabyAI level the policy plays every --real-eval-every iterations and at the "
                                   "end: its success rate is logged beside imagined success (empty: none)")
     real_eval_every: int = _f(0, "iterations between real-game evaluations (0: only at the end, when "
-                                 "--real-eval-level is set)")
-    real_eval_episodes: int = _f(50, "real-game episodes per evaluation (sampled actions, fixed level seeds)")
+                                 "--real-eval-level is set)", at_least=0)
+    real_eval_episodes: int = _f(50, "real-game episodes per evaluation (sampled actions, fixed level seeds)",
+                                 at_least=1)
     vision_dim: int = _f(128, "vision embedding size")
     hidden_dim: int = _f(256, "fused policy/value hidden size")
     compile: bool = _f(False, "torch.compile the learner's module (RLlib torch_compile_learner)")
-    checkpoint_every: int = _f(10, "iterations between checkpoints (and one at the end)")
+    checkpoint_every: int = _f(10, "iterations between checkpoints (and one at the end)", at_least=1)
     replay_capacity: int = _f(1_000_000, "world:// envs: transitions the shared replay holds (world-model tokens, "
                                          "split over --replay-shards); 0 switches the replay off")
-    replay_shards: int = _f(1, "replay shard actors (an episode always lives in one)")
+    replay_shards: int = _f(1, "replay shard actors (an episode always lives in one)", at_least=1)
     aux_batch_size: int = _f(64, "transitions drawn from the replay per gradient step for the language-matching "
                                  "and contrastive losses (the PPO minibatch is used while the replay is empty)")
     video_every: int = _f(10, "world:// envs: every N iterations (and at the last one), a rollout video of the greedy "
@@ -361,13 +363,6 @@ def _train(cfg: TrainConfig, log=None) -> dict:
     check_fields(cfg)  # the Python API too, not only the CLI's make_config
     if not cfg.env or not cfg.out:
         raise ConfigError("--env and --out are required")
-    for name in ("num_envs", "rollout_steps", "total_timesteps", "num_epochs", "checkpoint_every", "replay_shards",
-                 "world_servers", "real_eval_episodes"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("reference_kl_coeff", "critic_warmup_steps", "real_eval_every"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.reference_kl_coeff > 0 and not cfg.init_policy:
         raise ConfigError("--reference-kl-coeff needs --init-policy (the policy the KL term pulls towards)")
     if cfg.replay_capacity and cfg.replay_capacity < 2 * cfg.replay_shards:
