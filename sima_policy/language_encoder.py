@@ -37,8 +37,8 @@ class LanguageEncoder(nn.Module):
         ids, rows = torch.unique(ids, dim=0, return_inverse=True)  # [U, L], [N]
         # length = position of the last real token + 1 (robust to a stray pad inside the mission)
         positions = torch.arange(1, ids.shape[1] + 1, device=ids.device)  # [L]
-        lengths = (positions * (ids != 0)).amax(dim=1) if ids.shape[1] else ids.new_zeros(ids.shape[0])  # [N]
-        h, _ = self.gru(self.embed(ids))  # [N, L, Hd]
-        last = h.gather(1, (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)  # [N, Hd]
+        lengths = (positions * (ids != 0)).amax(dim=1) if ids.shape[1] else ids.new_zeros(ids.shape[0])  # [U]
+        h, _ = self.gru(self.embed(ids))  # [U, L, Hd]
+        last = h.gather(1, (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)  # [U, Hd]
         last = torch.where((lengths > 0).unsqueeze(-1), last, self.empty.expand_as(last))
         return self.out(last)[rows].reshape(*lead, self.out_dim)  # [U, D] -> [B, D]

@@ -132,20 +132,11 @@ class EgocentricFiLMFusion(nn.Module):
         return self.agent(cells).flatten(1), self.direction(cells).flatten(2)
 
     def egocentric(self, cells: torch.Tensor) -> torch.Tensor:
-        """cells [B, C, G, G] -> [B, C + 1, S, S] centred on the detected agent, turned to face up."""
-        b, c, g, _ = cells.shape
-        at, d = self._agent(cells)  # [B] flat cell index, [B] heading
-        steps = torch.tensor(DIRECTION_STEPS, device=cells.device)[d]  # [B, 2]: (row, col) of "ahead"
-        # "right of the agent" is ahead turned clockwise: (row, col) -> (col, -row)
-        right = torch.stack([steps[:, 1], -steps[:, 0]], 1)  # [B, 2]
-        fwd = -self.ahead  # [S, S]: how far ahead (top rows of the view are ahead)
-        rows = (at // g).view(-1, 1, 1) + fwd * steps[:, 0].view(-1, 1, 1) + self.across * right[:, 0].view(-1, 1, 1)
-        cols = (at % g).view(-1, 1, 1) + fwd * steps[:, 1].view(-1, 1, 1) + self.across * right[:, 1].view(-1, 1, 1)
-        inside = (rows >= 0) & (rows < g) & (cols >= 0) & (cols < g)  # [B, S, S]
-        flat = (rows.clamp(0, g - 1) * g + cols.clamp(0, g - 1)).flatten(1)  # [B, S*S]
-        view = cells.flatten(2).gather(2, flat.unsqueeze(1).expand(-1, c, -1))  # [B, C, S*S]
-        view = view.view(b, c, self.span, self.span) * inside.unsqueeze(1)  # [B, C, S, S]
-        return torch.cat([view, (~inside).unsqueeze(1).to(view.dtype)], dim=1)  # [B, C + 1, S, S]
+        """cells [B, C, G, G] -> [B, C + 1, S, S] centred on the detected agent, turned to face up, with an
+        "outside the room" channel: the turned room re-centred (a turn about the room's centre, then a
+        translation, is the turn about the agent)."""
+        room, at = self.turned(cells)  # [B, C, G, G], [B]
+        return self.centred(room, at, outside=True)
 
     def _agent(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cells [B, C, G, G] -> (the agent's flat cell index [B], its heading [B]) by the detectors' argmax."""

@@ -108,6 +108,27 @@ def test_tile_ego_learns_where_the_named_object_is_in_the_agents_frame(conv_fram
     assert acc >= 0.6, f"tile_ego ({conv_frame}): held-out accuracy {acc:.3f} after {STEPS} steps (chance 0.25)"
 
 
+def rotated_view(cells, at, heading):
+    """The egocentric view computed directly: each view cell (row i, col j) reads the room cell
+    (G-1-i) steps ahead of the agent and (j-G+1) steps to its right; [B, C + 1, S, S] with the outside channel."""
+    b, c, g, _ = cells.shape
+    s = 2 * g - 1
+    out = torch.zeros(b, c + 1, s, s)
+    for k in range(b):
+        ar, ac = divmod(int(at[k]), g)
+        fr, fc = DIRECTION_STEPS[int(heading[k])]
+        rr, rc = fc, -fr  # to the agent's right: ahead turned clockwise
+        for i in range(s):
+            for j in range(s):
+                ahead, right = g - 1 - i, j - (g - 1)
+                r, col = ar + ahead * fr + right * rr, ac + ahead * fc + right * rc
+                if 0 <= r < g and 0 <= col < g:
+                    out[k, :c, i, j] = cells[k, :, r, col]
+                else:
+                    out[k, c, i, j] = 1.0
+    return out
+
+
 @pytest.mark.parametrize("grid", [8, 7])
 def test_room_frame_sees_the_egocentric_view(grid):
     """conv_frame "room" turns the room to the agent's heading and convolves it there; re-centred, the turned
@@ -128,6 +149,7 @@ def test_room_frame_sees_the_egocentric_view(grid):
                 det.weight[k, first + k] = 1.0
     cells = torch.randn(256, 6, grid, grid)  # [B, C, G, G]: every agent cell and heading occurs
     ego = fusion.egocentric(cells)  # [B, C + 1, S, S]
+    assert torch.equal(ego, rotated_view(cells, *fusion._agent(cells)))
     room, at = fusion.turned(cells)  # [B, C, G, G], [B]
     assert torch.equal(fusion.centred(room, at), ego[:, :6])
     conv = fusion.convs[0]
