@@ -67,6 +67,10 @@ class TrainConfig:
     num_epochs: int = _f(4, "PPO epochs per iteration", at_least=1)
     lr: float = _f(3e-4, "learning rate (0: the weights stay as they are)", at_least=0)
     gamma: float = _f(0.99, "discount", above=0, at_most=1)
+    gae_lambda: float = _f(1.0, "GAE lambda of the advantages (RLlib's default 1.0: Monte-Carlo returns minus the "
+                                "value; 0.95 trades a little bias for much less variance)", at_least=0, at_most=1)
+    kl_coeff: float = _f(0.2, "initial weight of PPO's adaptive KL(old policy || new policy) penalty (RLlib's "
+                              "default 0.2); 0 switches the penalty off (the clipped objective alone)", at_least=0)
     language_coeff: float = _f(0.1, "lambda: weight of the CLIP-style instruction/vision matching loss", at_least=0)
     contrastive_coeff: float = _f(0.1, "gamma: weight of the MoCo-style contrastive loss", at_least=0)
     moco_queue_size: int = _f(1024, "MoCo negatives queue")
@@ -271,7 +275,8 @@ def build_algo_config(cfg: TrainConfig, spec: EnvSpec, tokenizer_json: dict, ser
               .env_runners(num_env_runners=cfg.num_env_runners, num_envs_per_env_runner=cfg.num_envs,
                            rollout_fragment_length=cfg.rollout_steps, num_cpus_per_env_runner=0.5)
               .training(train_batch_size_per_learner=batch, minibatch_size=min(cfg.minibatch_size, batch),
-                        num_epochs=cfg.num_epochs, lr=cfg.lr, gamma=cfg.gamma)
+                        num_epochs=cfg.num_epochs, lr=cfg.lr, gamma=cfg.gamma, lambda_=cfg.gae_lambda,
+                        use_kl_loss=cfg.kl_coeff > 0, kl_coeff=cfg.kl_coeff)
               .rl_module(rl_module_spec=RLModuleSpec(module_class=SimaRLModule, model_config=model_config))
               .learners(num_learners=cfg.num_learners, num_gpus_per_learner=cfg.learner_gpus,
                         learner_class=SimaPPOLearner,

@@ -42,7 +42,10 @@ def test_micro_demo_runs_end_to_end_and_resumes(tmp_path, browser):  # noqa: F81
     # The imagined run started from the cloned policy; the real-game baseline got as many frames as the videos.
     ppo_log = (out / "ppo" / "logs" / "train_events.jsonl").read_text().splitlines()
     assert ppo_log and json.loads((out / "ppo" / "config.json").read_text())["config"]["init_policy"] == str(out / "bc")
-    assert json.loads((out / "real_ppo" / "config.json").read_text())["config"]["total_timesteps"] == 64
+    ppo_cfg = json.loads((out / "ppo" / "config.json").read_text())["config"]
+    assert (ppo_cfg["gae_lambda"], ppo_cfg["kl_coeff"], ppo_cfg["minibatch_size"]) == (0.95, 0.0, 32)
+    real_cfg = json.loads((out / "real_ppo" / "config.json").read_text())["config"]
+    assert (real_cfg["total_timesteps"], real_cfg["num_envs"], real_cfg["gae_lambda"]) == (64, 4, 1.0)
     report = (out / "report.html").read_text()
     for heading in ("World model", "Levels from a prompt", "Behaviour cloning from latent actions",
                     "PPO in imagination", "The real game"):

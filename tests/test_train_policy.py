@@ -92,3 +92,15 @@ def test_a_world_bundle_without_action_adapter_is_refused_before_anything_starts
     with pytest.raises(ConfigError, match="has no action_adapter.json"):
         train(TrainConfig(env=f"world://{bundle}?prompt=go to the red ball", out=str(out)), log=lambda m: None)
     assert not out.exists()
+
+
+def test_gae_lambda_and_ppo_kl_penalty_reach_rllibs_ppo_config():
+    from pipelines.train_policy import build_algo_config
+
+    tokenizer = {"words": ["<pad>", "go"], "max_len": 16}
+    spec = parse_env("babyai:BabyAI-GoToRedBall-v0")
+    default = build_algo_config(TrainConfig(env="babyai:BabyAI-GoToRedBall-v0", out="x", **SMALL), spec, tokenizer, None)
+    assert (default.lambda_, default.use_kl_loss, default.kl_coeff) == (1.0, True, 0.2)  # RLlib's defaults
+    tuned = build_algo_config(TrainConfig(env="babyai:BabyAI-GoToRedBall-v0", out="x", gae_lambda=0.95, kl_coeff=0.0,
+                                          **SMALL), spec, tokenizer, None)
+    assert (tuned.lambda_, tuned.use_kl_loss, tuned.kl_coeff) == (0.95, False, 0.0)
