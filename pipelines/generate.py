@@ -23,6 +23,8 @@ class GenerateConfig:
     image: str | None = _f(None, "a PNG start frame instead of a prompt (frame-size RGB)")
     data: str | None = _f(None, "a collected video directory instead of a prompt: levels from its train episodes' "
                                 "real first frames, each with its own episode's mission (drawn by --seed)")
+    data_mission: str | None = _f(None, "with --data: only the episodes whose mission contains this text, e.g. \"red "
+                                        "ball\" (levels as crowded as the real rooms that honour one prompt)")
     mission: str | None = _f(None, "instruction the reward head scores (default: the prompt)")
     num_worlds: int = _f(16, "levels to generate", at_least=1)
     seed: int = _f(0, "seed: same seed, same levels")
@@ -47,17 +49,31 @@ def _load_image(path: str, size: int) -> np.ndarray:
     return img
 
 
-def _first_frames(data_dir: str, n: int, seed: int, size: int) -> tuple[np.ndarray, list[str]]:
+def _first_frames(data_dir: str, n: int, seed: int, size: int,
+                  mission_text: str | None = None) -> tuple[np.ndarray, list[str]]:
     """First frames [M, S, S, 3] and missions of ``n`` train episodes of a collection (M = min(n, episodes)),
-    drawn without replacement by ``seed``."""
+    drawn without replacement by ``seed``; with ``mission_text``, only episodes whose mission contains it."""
     from .data.clip_reader import ClipReader
 
     reader = ClipReader(data_dir, clip_len=2, split="train", first_only=True)
     try:
         if len(reader) == 0:
             raise ConfigError(f"--data {data_dir}: no train episodes of 2 or more frames")
-        pick = np.random.default_rng(seed).permutation(len(reader))[:n]
-        clips = [reader[int(i)] for i in pick]
+        order = np.random.default_rng(seed).permutation(len(reader))
+        if mission_text is None:
+            clips = [reader[int(i)] for i in order[:n]]
+        else:
+            wanted = " ".join(mission_text.lower().split())
+            clips = []
+            for i in order:
+                clip = reader[int(i)]
+                if wanted in " ".join(str(clip["mission"]).lower().split()):
+                    clips.append(clip)
+                    if len(clips) == n:
+                        break
+            if not clips:
+                raise ConfigError(f"--data-mission {mission_text!r}: no train episode of {data_dir} has a mission "
+                                  "containing it")
     finally:
         reader.close()
     frames = np.stack([c["frames"][0] for c in clips])
@@ -83,6 +99,8 @@ def generate(cfg: GenerateConfig) -> dict:
         raise ConfigError("--bundle and --out are required")
     if sum(x is not None for x in (cfg.prompt, cfg.image, cfg.data)) != 1:
         raise ConfigError("give exactly one of --prompt, --image or --data")
+    if cfg.data_mission is not None and cfg.data is None:
+        raise ConfigError("--data-mission selects episodes of --data; give --data too")
     out = Path(cfg.out)
     for flag, target in [("--out", out), ("--grid", cfg.grid), ("--rollout", cfg.rollout)]:
         if target:
@@ -93,7 +111,8 @@ def generate(cfg: GenerateConfig) -> dict:
     if cfg.data is not None:
         if cfg.mission is not None:
             raise ConfigError("--data levels keep their episodes' missions; --mission cannot be given with it")
-        image, mission = _first_frames(cfg.data, cfg.num_worlds, cfg.seed, bundle.config.frame_size)
+        image, mission = _first_frames(cfg.data, cfg.num_worlds, cfg.seed, bundle.config.frame_size,
+                                       cfg.data_mission)
     levels = WorldBuilder(bundle).generate(prompt=cfg.prompt, image=image, num_worlds=cfg.num_worlds,
                                            seed=cfg.seed, mission=mission)
     save_levels(out, levels)

@@ -70,6 +70,23 @@ def test_generate_from_a_collections_real_first_frames(babyai_bot_data, tmp_path
              "--out", str(tmp_path / "n.h5"))
     assert r.returncode == 2 and "unknown words" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "n.h5").exists()
+    # --data-mission: only the episodes whose mission contains the text (every one of them, here).
+    target = str(episodes[0]["mission"]).split(" to ")[-1]  # e.g. "the red ball"
+    matching = {str(e["mission"]) for e in episodes if target in str(e["mission"])}
+    r = _cli("generate", "--bundle", str(bundle_dir), "--data", str(babyai_bot_data), "--data-mission", target,
+             "--num-worlds", "64", "--out", str(tmp_path / "d.h5"))
+    assert r.returncode == 0, r.stderr
+    chosen = load_levels(tmp_path / "d.h5", bundle)
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(chosen.missions) <= matching and len(chosen) == 64
+    assert result["distinct_levels"] == sum(target in str(e["mission"]) for e in episodes) < len(episodes)
+    r = _cli("generate", "--bundle", str(bundle_dir), "--data", str(babyai_bot_data), "--data-mission", "pink hat",
+             "--out", str(tmp_path / "e.h5"))
+    assert r.returncode == 2 and "no train episode" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "e.h5").exists()
+    r = _cli("generate", "--bundle", str(bundle_dir), "--prompt", "go to the red ball", "--data-mission", "red ball",
+             "--out", str(tmp_path / "f.h5"))
+    assert r.returncode == 2 and "give --data too" in r.stderr
 
 
 def test_generate_refusals_name_the_problem(random_bundle, tmp_path):
