@@ -49,6 +49,11 @@ def _load_image(path: str, size: int) -> np.ndarray:
     return img
 
 
+def _words(text: str) -> str:
+    """``text`` lower-cased with single spaces: what --data-mission compares."""
+    return " ".join(text.lower().split())
+
+
 def _first_frames(data_dir: str, n: int, seed: int, size: int,
                   mission_text: str | None = None) -> tuple[np.ndarray, list[str]]:
     """First frames [M, S, S, 3] and missions of ``n`` train episodes of a collection (M = min(n, episodes)),
@@ -59,21 +64,17 @@ def _first_frames(data_dir: str, n: int, seed: int, size: int,
     try:
         if len(reader) == 0:
             raise ConfigError(f"--data {data_dir}: no train episodes of 2 or more frames")
-        order = np.random.default_rng(seed).permutation(len(reader))
-        if mission_text is None:
-            clips = [reader[int(i)] for i in order[:n]]
-        else:
-            wanted = " ".join(mission_text.lower().split())
-            clips = []
-            for i in order:
-                clip = reader[int(i)]
-                if wanted in " ".join(str(clip["mission"]).lower().split()):
-                    clips.append(clip)
-                    if len(clips) == n:
-                        break
-            if not clips:
-                raise ConfigError(f"--data-mission {mission_text!r}: no train episode of {data_dir} has a mission "
-                                  "containing it")
+        wanted = None if mission_text is None else _words(mission_text)
+        clips = []
+        for i in np.random.default_rng(seed).permutation(len(reader)):
+            if len(clips) == n:
+                break
+            clip = reader[int(i)]
+            if wanted is None or wanted in _words(str(clip["mission"])):
+                clips.append(clip)
+        if not clips:
+            raise ConfigError(f"--data-mission {mission_text!r}: no train episode of {data_dir} has a mission "
+                              "containing it")
     finally:
         reader.close()
     frames = np.stack([c["frames"][0] for c in clips])
