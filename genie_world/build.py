@@ -11,6 +11,9 @@ from .reward_head import RewardHead
 from .video_tokenizer import VideoTokenizer
 
 PART_NAMES = ("tokenizer", "latent_actions", "dynamics", "reward_head", "prompt_prior")
+# The parts each part is trained against (frozen): re-training one of these makes the part stale.
+PART_DEPENDENCIES = {"tokenizer": (), "latent_actions": (), "dynamics": ("tokenizer", "latent_actions"),
+                     "reward_head": ("tokenizer",), "prompt_prior": ("tokenizer",)}
 
 
 def num_patches(cfg: WorldModelConfig) -> int:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .action_adapter import ActionAdapter
 from .atomic_files import write_file_atomic, write_json_atomic
-from .build import PART_NAMES, build_part
+from .build import PART_DEPENDENCIES, PART_NAMES, build_part
 from .config import WorldConfigError, WorldModelConfig
 from .level_constraints import FILE as CONSTRAINTS_FILE, LevelConstraints
 from .text_encoder import Vocabulary
@@ -62,8 +62,11 @@ def read_bundle_meta(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def save_part(run: Path, name: str, model: torch.nn.Module) -> None:
-    """Write one part's weights atomically and record it (with its hash) in bundle.json."""
+def save_part(run: Path, name: str, model: torch.nn.Module, trained_on: dict[str, str] | None = None) -> None:
+    """Write one part's weights atomically and record it (with its hash) in bundle.json; ``trained_on``
+    maps each part it was trained against (frozen) to that part's sha256 (default: the bundle's current
+    ``PART_DEPENDENCIES``), so a later re-run of one of those stages shows this part as stale
+    (``stale_parts``) instead of leaving the two silently mismatched."""
     run = Path(run)
     if name not in PART_NAMES:
         raise ValueError(f"unknown part {name!r}")
@@ -71,9 +74,25 @@ def save_part(run: Path, name: str, model: torch.nn.Module) -> None:
     path = run / f"{name}.safetensors"
     write_file_atomic(path, lambda p: save_file(state, str(p), metadata={"part": name, "schema_version": str(SCHEMA_VERSION)}))
     meta = read_bundle_meta(run)
+    if trained_on is None:
+        trained_on = {d: meta["parts"][d]["sha256"] for d in PART_DEPENDENCIES[name] if d in meta["parts"]}
     meta["parts"][name] = {"file": path.name, "sha256": _sha256(path),
-                           "params": int(sum(v.numel() for v in state.values()))}
+                           "params": int(sum(v.numel() for v in state.values())), "trained_on": dict(trained_on)}
     write_json_atomic(run / "bundle.json", meta)
+
+
+def stale_parts(meta: dict, names=None) -> list[tuple[str, str]]:
+    """(part, dependency) pairs among ``names`` (default: every part) whose recorded dependency hash is
+    not the bundle's current one (or whose dependency is gone). Bundles written before parts recorded
+    their dependencies have nothing to compare and report none."""
+    parts = meta.get("parts", {})
+    out = []
+    for name in sorted(parts, key=lambda n: PART_NAMES.index(n) if n in PART_NAMES else len(PART_NAMES)) \
+            if names is None else names:
+        for dep, sha in (parts.get(name, {}).get("trained_on") or {}).items():
+            if parts.get(dep, {}).get("sha256") != sha:
+                out.append((name, dep))
+    return out
 
 
 def save_json(run: Path, name: str, obj) -> None:
@@ -124,11 +143,30 @@ def save_adapter(run: Path, adapter: ActionAdapter) -> None:
     write_json_atomic(run / "action_adapter.json", adapter.to_json())
 
 
-def _load_adapter(path: Path) -> ActionAdapter:
+def _read_json(path: Path, expect: type = dict):
+    """A bundle file's JSON, or BundleError naming the file (a hand-edited or truncated file otherwise
+    surfaced as a JSONDecodeError or TypeError far from it)."""
     try:
         d = json.loads(path.read_text())
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise BundleError(path, f"not valid JSON ({e})") from e
+    if not isinstance(d, expect):
+        raise BundleError(path, f"holds a JSON {type(d).__name__}, expected a {expect.__name__}")
+    return d
+
+
+def _from_json(path: Path, what: str, build):
+    """``build(json of path)``, with any error in the file's contents named as the file's."""
+    d = _read_json(path)
+    try:
+        return build(d)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        text = (str(e).splitlines() or [""])[0]
+        raise BundleError(path, f"not a valid {what} ({type(e).__name__}: {text})") from e
+
+
+def _load_adapter(path: Path) -> ActionAdapter:
+    d = _read_json(path)
     state = None
     if "key_model" in d:
         weights = path.parent / ADAPTER_WEIGHTS
@@ -149,10 +187,7 @@ def load_bundle(run, parts=PART_NAMES, device: str | torch.device = "cpu", verif
     meta_path = run / "bundle.json"
     if not meta_path.exists():
         raise BundleError(run, "bundle.json does not exist (is this a `genie-sima pretrain --out` directory?)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as e:
-        raise BundleError(meta_path, f"not valid JSON ({e})") from e
+    meta = _read_json(meta_path)
     if meta.get("format") != FORMAT:
         raise BundleError(meta_path, f"format is {meta.get('format')!r}, expected {FORMAT!r}")
     if meta.get("schema_version") != SCHEMA_VERSION:
@@ -161,7 +196,9 @@ def load_bundle(run, parts=PART_NAMES, device: str | torch.device = "cpu", verif
     cfg_path = run / "config.json"
     if not cfg_path.exists():
         raise BundleError(run, "config.json is missing")
-    cfg_dict = json.loads(cfg_path.read_text())["config"]
+    cfg_dict = _read_json(cfg_path).get("config")
+    if not isinstance(cfg_dict, dict):
+        raise BundleError(cfg_path, "has no \"config\" object (the resolved WorldModelConfig)")
     known = {f.name for f in dataclasses.fields(WorldModelConfig)}
     extra = sorted(set(cfg_dict) - known)
     if extra:
@@ -171,14 +208,21 @@ def load_bundle(run, parts=PART_NAMES, device: str | torch.device = "cpu", verif
         cfg.validate()  # a hand-edited field of the wrong type otherwise failed later, far from the file
     except WorldConfigError as e:
         raise BundleError(cfg_path, f"invalid config: {e}") from e
-    vocab = Vocabulary.from_json(json.loads((run / "vocab.json").read_text())) if (run / "vocab.json").exists() else None
+    vocab_path = run / "vocab.json"
+    vocab = _from_json(vocab_path, "vocabulary", Vocabulary.from_json) if vocab_path.exists() else None
     adapter_path = run / "action_adapter.json"
     adapter = _load_adapter(adapter_path) if adapter_path.exists() else None
     bundle = WorldBundle(run, cfg, vocab, adapter, meta=meta)
     if (run / "metrics.json").exists():
-        bundle.metrics = json.loads((run / "metrics.json").read_text())
+        bundle.metrics = _read_json(run / "metrics.json")
     if (run / CONSTRAINTS_FILE).exists():
-        bundle.constraints = LevelConstraints.from_json(json.loads((run / CONSTRAINTS_FILE).read_text()))
+        bundle.constraints = _from_json(run / CONSTRAINTS_FILE, "level constraints file", LevelConstraints.from_json)
+    for name, dep in stale_parts(meta, [n for n in parts if n in meta.get("parts", {})]):
+        have = meta["parts"].get(dep, {}).get("sha256", "")
+        raise BundleError(meta_path, f"part {name!r} was trained on {dep} {meta['parts'][name]['trained_on'][dep][:12]}, "
+                                     f"but the bundle's {dep} is " + (f"{have[:12]}" if have else "missing")
+                                     + f" ({dep} re-trained after {name}?): re-run `genie-sima pretrain --out {run} "
+                                     "--stage all`, which re-trains the parts that depend on a changed one")
     for name in parts:
         info = meta.get("parts", {}).get(name)
         if info is None:

@@ -63,7 +63,8 @@ class _Backend:
             from .world_server import get_world_server
 
             self.handle = get_world_server(server) if isinstance(server, str) else server
-            info = _call_when_up(lambda: self.handle.info.remote())
+            info = _call_when_up(lambda: self.handle.info.remote(), what=f"world server {server!r}: info")
+            self.server_name = info["name"]
             self.frame_shape, self.num_actions = tuple(info["frame_shape"]), info["num_actions"]
             self.action_names = info["action_names"]
 
@@ -87,28 +88,38 @@ class _Backend:
         import ray
 
         if not fresh:
-            return ray.get(self.handle.step.remote(self.client, None, reset=True))
+            return self._get(self.handle.step.remote(self.client, None, reset=True), "reset")
         if self.client is not None:
-            ray.get(self.handle.close.remote(self.client))
+            self._get(self.handle.close.remote(self.client), "close")
         out = _call_when_up(lambda: self.handle.open.remote(self.num_envs, prompt=prompt, levels=levels,
                                                             level_file=level_file, seed=seed, mission=mission,
-                                                            num_levels=num_levels, owner=_owner()))
+                                                            num_levels=num_levels, owner=_owner()),
+                            what=f"world server {self.server_name!r}: open")
         self.client = out.pop("client")
         return out
 
     def step(self, actions) -> dict:
         if self.server is None:
             return self.world.step(actions).as_dict()
-        import ray
+        return self._get(self.handle.step.remote(self.client, np.asarray(actions)), "step")
 
-        return ray.get(self.handle.step.remote(self.client, np.asarray(actions)))
+    def _get(self, ref, call: str):
+        """The answer to one server call, or TimeoutError naming the server (a wedged or overloaded server
+        otherwise blocked the env, and the EnvRunner with it, forever)."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        try:
+            return ray.get(ref, timeout=SERVER_CALL_TIMEOUT_S)
+        except GetTimeoutError:
+            ray.cancel(ref)
+            raise TimeoutError(f"world server {self.server_name!r}: no answer to {call} within "
+                               f"{SERVER_CALL_TIMEOUT_S:g} s") from None
 
     def close(self) -> None:
         if self.server is not None and self.client is not None:
-            import ray
-
             try:
-                ray.get(self.handle.close.remote(self.client))
+                self._get(self.handle.close.remote(self.client), "close")
             except Exception:  # noqa: BLE001 - the server may already be gone
                 pass
             self.client = None
@@ -127,7 +138,10 @@ def _owner() -> tuple:
     return (actor, os.getpid())
 
 
-def _call_when_up(submit, timeout_s: float = 180.0):
+SERVER_CALL_TIMEOUT_S = 300.0  # one step of a full server batch takes well under a second on a laptop
+
+
+def _call_when_up(submit, timeout_s: float = 180.0, what: str = "world server call"):
     """``ray.get(submit())``, retried while the server actor is restarting (Ray restarts a dead one).
 
     Only calls that are safe to repeat go through here (``info``; ``open`` on a fresh env, whose block
@@ -135,12 +149,14 @@ def _call_when_up(submit, timeout_s: float = 180.0):
     and RLlib recreates the env and discards the episodes it cut short.
     """
     import ray
-    from ray.exceptions import ActorUnavailableError
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError
 
     deadline, wait = time.monotonic() + timeout_s, 0.1
     while True:
         try:
-            return ray.get(submit())
+            return ray.get(submit(), timeout=SERVER_CALL_TIMEOUT_S)
+        except GetTimeoutError:
+            raise TimeoutError(f"{what}: no answer within {SERVER_CALL_TIMEOUT_S:g} s") from None
         except ActorUnavailableError:
             if time.monotonic() > deadline:
                 raise

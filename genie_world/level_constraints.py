@@ -70,7 +70,13 @@ class LevelConstraints:
 
     @classmethod
     def from_json(cls, d: dict) -> "LevelConstraints":
-        return cls(d.get("exactly_one", []), d.get("frames", 0), d.get("reward_only_at_termination", False))
+        groups = d.get("exactly_one", [])
+        if not isinstance(groups, list) or not all(
+                isinstance(g, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in g) for g in groups):
+            raise ValueError("'exactly_one' must be a list of lists of token ids")
+        if not isinstance(d.get("frames", 0), int) or not isinstance(d.get("reward_only_at_termination", False), bool):
+            raise ValueError("'frames' must be an integer and 'reward_only_at_termination' a boolean")
+        return cls(groups, d.get("frames", 0), d.get("reward_only_at_termination", False))
 
 
 def constrain_logits(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor,

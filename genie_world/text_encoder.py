@@ -58,7 +58,10 @@ class Vocabulary:
 
     @classmethod
     def from_json(cls, data: dict) -> "Vocabulary":
-        return cls(data["words"])
+        words = data["words"]
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"'words' must be a list of strings, got {type(words).__name__}")
+        return cls(words)
 
 
 class TextBlock(nn.Module):

@@ -7,7 +7,9 @@ per-call overhead vanishes as clients are added. Each client's block is contiguo
 when all clients step together the batch is one contiguous range (views, no copies).
 
 Bad actions are refused to the caller that sent them before batching; the other callers' requests
-are unaffected. Metrics (``ray.util.metrics``, tag ``server``): genie_sima_world_env_steps_per_s,
+are unaffected. A client's block is leased: one that has not stepped for ``lease_s`` seconds is
+reclaimed when an ``open`` finds no room (a client whose process died without closing otherwise held
+its envs for the server's lifetime); its next call is told so. Metrics (``ray.util.metrics``, tag ``server``): genie_sima_world_env_steps_per_s,
 genie_sima_world_batch_fill, genie_sima_world_queue_latency_ms.
 """
 
@@ -26,12 +28,17 @@ DEFAULT_NAME = "genie-sima-world"
 NAMESPACE = "genie-sima"
 
 
+DEFAULT_LEASE_S = 600.0
+MAX_LEVELS_PER_CLIENT = 100_000  # levels one open may generate (each is a MaskGIT sample held in memory)
+
+
 @dataclass
 class _Client:
     start: int
     num_envs: int
     levels_desc: str
     owner: tuple | None = None  # (Ray actor id, pid) of the process that opened it
+    last_seen: float = field(default_factory=time.monotonic)  # the lease: renewed by every step
 
 
 @dataclass
@@ -47,7 +54,8 @@ class WorldModelServerImpl:
     """The actor's body; ``WorldModelServer`` below is it as a Ray actor."""
 
     def __init__(self, bundle_path: str, capacity: int = 256, max_batch: int = 1024, max_wait_ms: float = 2.0,
-                 device: str | None = None, threads: int = 0, name: str = DEFAULT_NAME, **world_kwargs):
+                 device: str | None = None, threads: int = 0, name: str = DEFAULT_NAME,
+                 lease_s: float = DEFAULT_LEASE_S, **world_kwargs):
         import torch
 
         from .bundle import load_bundle
@@ -71,14 +79,15 @@ class WorldModelServerImpl:
 
         self.bundle, self.world, self.builder = self._executor.submit(build).result()
         self.capacity, self.max_batch, self.max_wait = int(capacity), int(max_batch), max_wait_ms / 1000.0
-        self.name = name
+        self.name, self.lease_s = name, float(lease_s)
         self.clients: dict[str, _Client] = {}
+        self._expired: dict[str, float] = {}  # client -> idle seconds when its lease ran out (for its next call)
         self.pending: list[_Request] = []
         self._in_flight: set[str] = set()  # clients with a step request queued or being run
         self._wakeup: asyncio.Event | None = None
         self._loop_task = None
         self.stats_ = {"env_steps": 0, "batches": 0, "batch_envs": 0, "queue_s": 0.0, "step_s": 0.0, "requests": 0,
-                       "stale_clients_closed": 0, "episodes_terminated": 0, "episodes_truncated": 0, "started": time.time()}
+                       "stale_clients_closed": 0, "expired_clients_closed": 0, "episodes_terminated": 0, "episodes_truncated": 0, "started": time.time()}
         self._metrics = None
         try:
             from ray.util import metrics
@@ -114,9 +123,20 @@ class WorldModelServerImpl:
             pos = max(pos, hi)
         if self.capacity - pos >= n:
             return pos
+        if self._expire_idle_clients():
+            return self._allocate(n)
         free = self.capacity - sum(c.num_envs for c in self.clients.values())
         raise ValueError(f"world server {self.name!r}: cannot open {n} envs, {free} of {self.capacity} are free "
                          f"(in one block: raise capacity or close clients)")
+
+    def _expire_idle_clients(self) -> int:
+        """Close the blocks whose lease ran out (no step for ``lease_s``), except any with a step in flight."""
+        now = time.monotonic()
+        idle = [k for k, c in self.clients.items() if now - c.last_seen > self.lease_s and k not in self._in_flight]
+        for k in idle:
+            self._expired[k] = now - self.clients.pop(k).last_seen
+        self.stats_["expired_clients_closed"] += len(idle)
+        return len(idle)
 
     async def open(self, num_envs: int, prompt: str | None = None, levels=None, level_file: str | None = None,
                    seed: int = 0, mission: str | None = None, num_levels: int | None = None,
@@ -138,6 +158,12 @@ class WorldModelServerImpl:
     def _open(self, num_envs, prompt, levels, level_file, seed, mission, num_levels, owner=None) -> dict:
         if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        if num_envs > self.capacity:
+            raise ValueError(f"world server {self.name!r}: cannot open {num_envs} envs, more than its capacity {self.capacity}")
+        if num_levels is not None and (isinstance(num_levels, bool) or not isinstance(num_levels, (int, np.integer))
+                                       or not 1 <= num_levels <= MAX_LEVELS_PER_CLIENT):
+            raise ValueError(f"world server {self.name!r}: num_levels must be an integer in 1..{MAX_LEVELS_PER_CLIENT}, "
+                             f"got {num_levels!r}")
         if owner is not None and owner[0] is not None:
             stale = [k for k, c in self.clients.items()
                      if c.owner is not None and c.owner[0] == owner[0] and c.owner[1] != owner[1]]
@@ -159,8 +185,13 @@ class WorldModelServerImpl:
         """Step (or, with ``reset``, restart) every env of ``client``; batched with other clients."""
         c = self.clients.get(client)
         if c is None:
+            if client in self._expired:
+                raise ValueError(f"world server {self.name!r}: client {client!r} was closed after "
+                                 f"{self._expired[client]:.0f} s without a step (lease {self.lease_s:g} s) to make "
+                                 "room for another client: open again")
             raise ValueError(f"world server {self.name!r}: unknown client {client!r} (closed, or the server "
                              "restarted: open again)")
+        c.last_seen = time.monotonic()
         acts = np.zeros(c.num_envs, np.int64) if reset else self.world.check_actions(actions, c.num_envs)
         if client in self._in_flight:
             # A client's envs advance one call at a time. Refused here, to this caller only: taken into a

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from genie_world.atomic_files import (  # noqa: F401  (re-exported for pipelines)
     TMP_MARK,
+    commit_dir,
     commit_file,
     temp_path_for,
     write_bytes_atomic,

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic_io import check_writable_dir, write_json_atomic
+from .atomic_io import check_writable_dir, commit_dir, write_json_atomic
 from .config import check_fields, config_field as _f, save_config
 from .errors import ConfigError
 
@@ -244,6 +244,21 @@ def _accuracy(module, frames, tokens, target, batch: int = 512) -> float:
     return hits / len(target)
 
 
+def _check_frame_size(data_dir, bundle_dir, frame_size: int) -> None:
+    """The latent action model reads frames of the bundle's size: other data failed deep inside it."""
+    from .data.manifest import read_manifest
+    from .data.shard_format import validate_shard
+
+    rows = read_manifest(Path(data_dir))
+    if not rows:
+        raise ConfigError(f"--data {data_dir}: the manifest lists no episodes")
+    size = validate_shard(Path(data_dir) / rows[0]["shard"])["frame_size"]
+    if size != frame_size:
+        raise ConfigError(f"--data {data_dir}: frames are {size}x{size}, but the world bundle {bundle_dir} was "
+                          f"trained on {frame_size}x{frame_size} frames; clone from data of the bundle's frame size "
+                          f"(collect --frame-size {frame_size})")
+
+
 def behaviour_clone(cfg: BCConfig, log=None) -> dict:
     import torch
 
@@ -271,6 +286,7 @@ def behaviour_clone(cfg: BCConfig, log=None) -> dict:
     if bundle.adapter is None:
         raise ConfigError(f"--bundle {cfg.bundle}: action_adapter.json is missing (pretrain the actions stage "
                           "with labelled transitions)")
+    _check_frame_size(cfg.data, cfg.bundle, bundle.config.frame_size)
     tokenizer = InstructionTokenizer.from_texts(bundle.vocab.words[1:], max_len=MISSION_LEN)
     train = label_transitions(bundle, cfg.data, "train", cfg.max_transitions, cfg.label_batch, cfg.seed, log)
     val = label_transitions(bundle, cfg.data, "val", 0, cfg.label_batch, cfg.seed + 1, log)
@@ -349,13 +365,14 @@ def behaviour_clone(cfg: BCConfig, log=None) -> dict:
         logger.scalars(cfg.steps, {f"bc/{k}": v for k, v in metrics.items() if v is not None})
     finally:
         logger.close()
-    # The module checkpoint appears under its final name only once complete.
+    # The policy directory is what marks a finished clone: everything it needs is written first, and it
+    # appears under its final name only once complete and on disk.
+    write_json_atomic(out / "tokenizer.json", tokenizer.to_json())
+    save_config(cfg, out / "config.json")
+    write_json_atomic(out / "bc_metrics.json", metrics)
     tmp = out / f".{POLICY_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     module.save_to_path(str(tmp))
-    os.replace(tmp, out / POLICY_DIR)
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()))
-    save_config(cfg, out / "config.json")
-    write_json_atomic(out / "bc_metrics.json", metrics)
+    commit_dir(tmp, out / POLICY_DIR)
     log("bc: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
     return {"out": str(out), "policy": str(out / POLICY_DIR), "metrics": metrics}

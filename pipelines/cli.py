@@ -207,6 +207,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"genie-sima {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - only a full disk or a file-size limit is turned into one line
+        full = _disk_full(e)
+        if full is None:
+            raise
+        print(f"genie-sima {args.command}: error: cannot write {full.filename or 'a file'}: {full.strerror} "
+              "(free space or raise the limit, then re-run the same command; files already written are whole)",
+              file=sys.stderr)
+        return 2
+
+
+def _disk_full(e: BaseException) -> OSError | None:
+    """The OSError for a full disk, a quota or a file-size limit in ``e``'s chain of causes, if any."""
+    import errno
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":

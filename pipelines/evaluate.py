@@ -21,7 +21,7 @@ import numpy as np
 
 from sima_policy.instruction_tokenizer import UnknownWordsError
 
-from .atomic_io import check_writable_dir, write_json_atomic
+from .atomic_io import check_writable_dir, write_bytes_atomic, write_json_atomic
 from .config import check_fields, config_field as _f, save_config
 from .errors import ConfigError
 from .progress import ProgressLine
@@ -265,7 +265,7 @@ def evaluate(cfg: EvaluateConfig, log=print) -> dict:
     write_json_atomic(out / "evaluation.json", result)
     save_config(cfg, out / "evaluation.config.json")
     actions = "greedy (most probable action)" if cfg.greedy else "sampled from the policy"
-    (out / "evaluation.md").write_text(f"Policies' actions: {actions}.\n\n" + format_table(rows))
+    write_bytes_atomic(out / "evaluation.md", (f"Policies' actions: {actions}.\n\n" + format_table(rows)).encode())
     return result
 
 

@@ -52,6 +52,8 @@ DEFAULT_MAX_EPISODE_STEPS = 64
 MAX_MESSAGE_CHARS = 1024  # longer text messages get an error reply (the socket stays open)
 MAX_FRAME_BYTES = 64 * 1024  # aiohttp closes the socket (1009) on larger frames
 MAX_CLIENTS = 8  # open sockets at a time; each holds a World
+DEFAULT_IDLE_TIMEOUT_S = 300.0  # a socket that sends nothing for this long is closed, freeing its place
+IDLE_CLOSE_CODE = 4000  # WebSocket close code (application range) for "idle too long"
 MESSAGE_TYPES = ("action", "reset", "new_level")
 PAGE_KEYS = {"reset": "r", "new_level": "n"}  # handled by the page itself, never given to an action
 
@@ -252,11 +254,13 @@ def _hostname(netloc: str) -> str | None:
 class _App:
     """The aiohttp application and what its handlers share."""
 
-    def __init__(self, bundle, levels, max_episode_steps: int, seed: int, bind_host: str):
+    def __init__(self, bundle, levels, max_episode_steps: int, seed: int, bind_host: str,
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
         from aiohttp import web
 
         self.web = web
         self.bundle, self.levels, self.max_episode_steps, self.seed = bundle, levels, max_episode_steps, seed
+        self.idle_timeout_s = idle_timeout_s
         self.check_host = _is_loopback(bind_host)
         self.page = load_page()
         self.headers = page_headers(self.page)
@@ -319,9 +323,16 @@ class _App:
             session = await run(PlaySession, self.bundle, self.levels, self.max_episode_steps, self.seed)
             await self._send(ws, self.hello)
             await self._send(ws, await run(session.start, 0, "reset"))
-            async for msg in ws:
+            while True:
+                try:
+                    msg = await ws.receive(timeout=self.idle_timeout_s)
+                except asyncio.TimeoutError:
+                    # Idle sockets otherwise held their place forever: MAX_CLIENTS idle pages locked everyone out.
+                    await self._error(ws, f"no message for {self.idle_timeout_s:g} s; closing (reload to play again)")
+                    await ws.close(code=IDLE_CLOSE_CODE, message=b"idle")
+                    break
                 if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    break  # ERROR (e.g. a frame over MAX_FRAME_BYTES): aiohttp closes the socket
+                    break  # CLOSE/CLOSED, or ERROR (e.g. a frame over MAX_FRAME_BYTES): aiohttp closes the socket
                 try:
                     kind, action = parse_message(msg.data, self.action_names)
                 except MessageError as e:
@@ -415,7 +426,7 @@ def _stop_on_sigint(server: PlayServer) -> Callable[[], bool]:
 
 def serve_play(bundle_path, prompt: str | None = None, level_file=None, host: str = DEFAULT_HOST,
                port: int = DEFAULT_PORT, num_levels: int = 16, seed: int = 0,
-               max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS,
+               max_episode_steps: int = DEFAULT_MAX_EPISODE_STEPS, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
                ready_callback: Callable[[PlayServer], None] | None = None) -> None:
     """Serve the play page until ``PlayServer.stop()`` (given to ``ready_callback``) or Ctrl+C.
 
@@ -427,9 +438,11 @@ def serve_play(bundle_path, prompt: str | None = None, level_file=None, host: st
         raise ConfigError(f"port {port!r}: expected an integer in 0..65535 (0 picks a free port)")
     if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, int) or not 1 <= max_episode_steps <= 100_000:
         raise ConfigError(f"max_episode_steps {max_episode_steps!r}: expected an integer in 1..100000")
+    if isinstance(idle_timeout_s, bool) or not isinstance(idle_timeout_s, (int, float)) or not 0 < idle_timeout_s <= 86400:
+        raise ConfigError(f"idle_timeout_s {idle_timeout_s!r}: expected seconds in (0, 86400]")
     bundle = load_bundle(bundle_path)
     levels = load_play_levels(bundle, prompt, level_file, num_levels, seed)
-    app = _App(bundle, levels, max_episode_steps, seed, host)
+    app = _App(bundle, levels, max_episode_steps, seed, host, float(idle_timeout_s))
     asyncio.run(_serve(app, host, port, ready_callback))
 
 
@@ -446,6 +459,9 @@ def add_play_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated levels and the world (default 0)")
     parser.add_argument("--max-episode-steps", type=int, default=DEFAULT_MAX_EPISODE_STEPS,
                         help=f"episode time limit (default {DEFAULT_MAX_EPISODE_STEPS})")
+    parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S, metavar="SECONDS",
+                        help=f"close a page's socket after this long without a message, freeing one of the "
+                             f"{MAX_CLIENTS} places (default {DEFAULT_IDLE_TIMEOUT_S:g})")
 
 
 def run_play(args: argparse.Namespace, out=None) -> int:
@@ -466,7 +482,7 @@ def run_play(args: argparse.Namespace, out=None) -> int:
     try:
         serve_play(args.bundle, prompt=args.prompt, level_file=args.level, host=args.host, port=args.port,
                    num_levels=args.num_levels, seed=args.seed, max_episode_steps=args.max_episode_steps,
-                   ready_callback=ready)
+                   idle_timeout_s=args.idle_timeout, ready_callback=ready)
     except (BundleError, LevelFileError, UnknownWordsError) as e:
         raise ConfigError(str(e)) from e
     except OSError as e:

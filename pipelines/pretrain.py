@@ -13,18 +13,21 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from genie_world.bundle import load_bundle, read_bundle_meta, save_adapter, save_json, update_bundle_meta
+from genie_world.bundle import (load_bundle, read_bundle_meta, save_adapter, save_json, stale_parts,
+                                update_bundle_meta)
 from genie_world.config import PRESETS, STAGES, WorldConfigError, WorldModelConfig, resolve_config
 from genie_world.text_encoder import Vocabulary
 
 from .atomic_io import check_writable_dir
 from .data.clip_datasource import clip_dataset
+from .data.clip_index import build_clip_index
 from .data.manifest import MANIFEST_NAME, read_manifest
 from .data.shard_format import validate_shard
 from .errors import ConfigError
@@ -64,6 +67,25 @@ def _data_facts(data_dir: Path) -> dict:
     manifest_sha = hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest()
     return {"rows": rows, "frame_size": attrs["frame_size"], "action_names": attrs["action_names"],
             "source": attrs["source"], "manifest_sha256": manifest_sha}
+
+
+BATCH_FLAGS = {"tokenizer": "tok_batch", "actions": "lam_batch", "dynamics": "dyn_batch", "heads": "head_batch",
+               "prior": "prior_batch"}
+
+
+def _check_enough_clips(data: Path, cfg: WorldModelConfig, stages, workers: int) -> None:
+    """Every worker needs one whole batch of clips per step; too little data otherwise failed inside a Ray
+    Train worker, after earlier stages had run."""
+    for stage in stages:
+        sd = stage_data(stage, cfg)
+        clips = len(build_clip_index(data, sd.clip_len, "train", 1, sd.first_only))
+        need = cfg.batch_for(stage) * workers
+        if clips < need:
+            what = "first frames" if sd.first_only else f"clips of {sd.clip_len} frames"
+            flag = "--" + BATCH_FLAGS[stage].replace("_", "-")
+            raise ConfigError(f"--data {data}: stage {stage} needs at least {need} {what} in the training split "
+                              f"({flag} {cfg.batch_for(stage)} x {workers} worker(s)), the data has {clips}; collect "
+                              f"more episodes or lower {flag}")
 
 
 def _check_resume(run: Path, cfg: WorldModelConfig, data_sha: str) -> None:
@@ -117,6 +139,7 @@ def _run_stage(stage: str, args: PretrainArgs, cfg: WorldModelConfig, run: Path,
                              failure_config=FailureConfig(max_failures=2)),
     )
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)
+    _drop_checkpoints_of_other_parts(run, stage, log)
     check_stage_checkpoints(run / "ray_train" / stage)  # one clean error here, not a retried worker failure
     t0 = time.perf_counter()
     result = trainer.fit()
@@ -124,6 +147,23 @@ def _run_stage(stage: str, args: PretrainArgs, cfg: WorldModelConfig, run: Path,
         raise result.error
     log(f"pretrain: stage {stage} done in {time.perf_counter() - t0:.0f}s "
         f"(loss {(result.metrics or {}).get('loss', float('nan')):.4g})")
+
+
+def _drop_checkpoints_of_other_parts(run: Path, stage: str, log) -> None:
+    """A stage's Ray Train checkpoints hold a part trained against its frozen parts as they were then; once
+    one of those was re-trained, resuming would save the old weights as if trained on the new ones. The
+    hashes it trains against are recorded beside the checkpoints; other hashes drop the checkpoints."""
+    deps = STAGE_PARTS[stage][1]
+    if not deps:
+        return
+    parts = read_bundle_meta(run)["parts"]
+    current = {d: parts[d]["sha256"] for d in deps}
+    checkpoints, record = run / "ray_train" / stage, run / "ray_train" / f"{stage}.trained_on.json"
+    if record.exists() and json.loads(record.read_text()) != current and checkpoints.exists():
+        log(f"pretrain: stage {stage}: {' and '.join(deps)} changed since its checkpoints; training from scratch")
+        shutil.rmtree(checkpoints)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    save_json(record.parent, record.name, current)
 
 
 def pretrain(args: PretrainArgs, overrides: dict | None = None, log=None) -> dict:
@@ -139,6 +179,8 @@ def pretrain(args: PretrainArgs, overrides: dict | None = None, log=None) -> dic
         raise ConfigError(f"--data {data}: frames are {facts['frame_size']}x{facts['frame_size']} but the "
                           f"{args.preset} config expects frame_size {cfg.frame_size}; pass --frame-size "
                           f"{facts['frame_size']} or collect with --frame-size {cfg.frame_size}")
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    _check_enough_clips(data, cfg, stages, args.workers)
     run = Path(args.out).resolve()
     check_writable_dir(run, "--out")
     _check_resume(run, cfg, facts["manifest_sha256"])
@@ -151,22 +193,34 @@ def pretrain(args: PretrainArgs, overrides: dict | None = None, log=None) -> dic
         "data_dir": str(data.resolve()), "manifest_sha256": facts["manifest_sha256"], "source": facts["source"],
         "episodes": len(facts["rows"]), "action_names": facts["action_names"], "versions": versions})
 
-    stages = STAGES if args.stage == "all" else (args.stage,)
     started = ensure_ray(args.address)
     t0 = time.perf_counter()
     try:
         for stage in stages:
             part, deps = STAGE_PARTS[stage]
-            have = read_bundle_meta(run)["parts"]
+            meta = read_bundle_meta(run)
+            have = meta["parts"]
             if args.stage == "all" and part in have:
-                log(f"pretrain: stage {stage} already in the bundle ({part}); skipping")
-                continue
+                changed = [d for _, d in stale_parts(meta, [part])]
+                if not changed:
+                    log(f"pretrain: stage {stage} already in the bundle ({part}); skipping")
+                    continue
+                log(f"pretrain: stage {stage} again: {part} was trained on another {' and '.join(changed)}")
             missing = [d for d in deps if d not in have]
             if missing:
                 raise ConfigError(f"stage {stage} needs {missing} in {run}; run those stages first (or --stage all)")
             log(f"pretrain: stage {stage} ({cfg.steps_for(stage)} steps, {args.workers} worker(s))")
             _run_stage(stage, args, cfg, run, log)
-        bundle = load_bundle(run, parts=tuple(read_bundle_meta(run)["parts"]))
+        meta = read_bundle_meta(run)
+        stale = stale_parts(meta)
+        if stale:
+            # A single re-run stage (e.g. --stage tokenizer) leaves the parts trained on its old weights stale:
+            # the bundle cannot be evaluated (or loaded) until they are trained again.
+            parts = ", ".join(f"{name} (trained on the previous {dep})" for name, dep in stale)
+            log(f"pretrain: stage {args.stage} done; stale parts: {parts}; run `genie-sima pretrain --data {data} "
+                f"--out {run} --stage all` to re-train them (load_bundle refuses the bundle until then)")
+            return {"run": str(run), "metrics": {}, "table": "", "stale": [list(x) for x in stale]}
+        bundle = load_bundle(run, parts=tuple(meta["parts"]))
         from .pretrain_eval import evaluate_bundle, format_metrics_table
 
         metrics, adapter = evaluate_bundle(bundle, data, facts["action_names"], cfg.seed)

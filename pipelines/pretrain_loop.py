@@ -112,10 +112,11 @@ def pretrain_loop(config: dict) -> None:
 
     vocab = Vocabulary.from_json(json.loads((run_dir / "vocab.json").read_text()))
     part_name, deps = STAGE_PARTS[stage]
-    frozen = {}
+    frozen, trained_on = {}, {}
     if deps:
         bundle = load_bundle(run_dir, parts=deps, device=device)
         frozen = {d: bundle.parts[d].requires_grad_(False) for d in deps}
+        trained_on = {d: bundle.meta["parts"][d]["sha256"] for d in deps}
     part = build_part(part_name, cfg, len(vocab)).to(device)
     total = cfg.steps_for(stage)
     opt = torch.optim.AdamW(part.parameters(), lr=cfg.lr_for(stage), weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -217,7 +218,7 @@ def pretrain_loop(config: dict) -> None:
                                "collect more episodes or lower the batch size")
         epoch, skip = epoch + 1, 0
     if rank == 0:
-        save_part(run_dir, part_name, part)
+        save_part(run_dir, part_name, part, trained_on)
         log_event(run_dir, event="finished", stage=stage, step=step, total=total)
     if logger:
         logger.close()

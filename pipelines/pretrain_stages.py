@@ -10,17 +10,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from genie_world.build import PART_DEPENDENCIES
 from genie_world.config import WorldModelConfig
 from genie_world.mission_negatives import mission_negatives
 
 # stage -> (bundle part it produces, parts it needs frozen)
-STAGE_PARTS = {
-    "tokenizer": ("tokenizer", ()),
-    "actions": ("latent_actions", ()),
-    "dynamics": ("dynamics", ("tokenizer", "latent_actions")),
-    "heads": ("reward_head", ("tokenizer",)),
-    "prior": ("prompt_prior", ("tokenizer",)),
-}
+STAGE_PARTS = {stage: (part, PART_DEPENDENCIES[part]) for stage, part in (
+    ("tokenizer", "tokenizer"), ("actions", "latent_actions"), ("dynamics", "dynamics"), ("heads", "reward_head"),
+    ("prior", "prompt_prior"))}
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic_io import check_writable_dir
+from .atomic_io import check_writable_dir, commit_dir, write_json_atomic
 from .config import check_fields, config_field as _f, save_config
 from .errors import ConfigError
 
@@ -139,7 +139,9 @@ def check_world_inputs(spec: EnvSpec):
     from genie_world.bundle import load_bundle
     from genie_world.levels import load_levels
 
-    bundle = load_bundle(spec.target, parts=("tokenizer",))
+    # Every part: the world servers load them all, and a part missing there killed the actor (ActorDiedError)
+    # instead of naming the part.
+    bundle = load_bundle(spec.target)
     if bundle.adapter is None:  # the world server's World (and the replay's action count) use real actions
         raise ConfigError(f"--env {spec.target}: world bundle has no action_adapter.json; train acts with real "
                           "actions (pretrain with an action adapter)")
@@ -408,7 +410,7 @@ def _train(cfg: TrainConfig, log=None) -> dict:
                 replay = _start_replay(cfg, out, bundle, resume_from=latest, log=log)
         else:
             tokenizer = InstructionTokenizer.from_texts(babyai_missions(spec.target), max_len=16)
-        (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()))
+        write_json_atomic(out / "tokenizer.json", tokenizer.to_json())
         save_config(cfg, out / "config.json")
         # Made before the algorithm: a bad level file or bundle fails here, with no algorithm to stop yet.
         if spec.kind == "world" and cfg.video_every:
@@ -673,7 +675,5 @@ def _checkpoint(algo, out: Path, iteration: int, replay=None) -> Path:
     algo.save_to_path(str(tmp))
     if replay is not None:
         replay.save(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    commit_dir(tmp, final)
     return final

@@ -122,16 +122,5 @@ class InstructionTokenizer:
             raise ValueError("tokenizer JSON: the word list is not in canonical order (was it edited by hand?)")
         return tok
 
-    def save(self, path) -> None:
-        from pathlib import Path
-
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
-
-    @classmethod
-    def load(cls, path) -> "InstructionTokenizer":
-        from pathlib import Path
-
-        return cls.from_json(Path(path).read_text())
-
     def __repr__(self) -> str:
         return f"InstructionTokenizer({self.vocab_size} ids, max_len={self.max_len}, unknown={self.unknown!r})"

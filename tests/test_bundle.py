@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from genie_world.build import PART_NAMES, build_part
-from genie_world.bundle import BundleError, load_bundle, save_json, save_part, update_bundle_meta
+from genie_world.bundle import BundleError, load_bundle, save_json, save_part, stale_parts, update_bundle_meta
 from genie_world.config import resolve_config
 from genie_world.text_encoder import Vocabulary
 
@@ -68,6 +68,24 @@ def test_missing_part(bundle_dir):
     del meta["parts"]["dynamics"]
     (run / "bundle.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match=r"part 'dynamics' is missing"):
+        load_bundle(run)
+
+
+def test_a_part_trained_on_another_tokenizer_is_refused_naming_both(bundle_dir):
+    run, models = bundle_dir
+    meta = json.loads((run / "bundle.json").read_text())
+    assert meta["parts"]["dynamics"]["trained_on"] == {d: meta["parts"][d]["sha256"] for d in ("tokenizer", "latent_actions")}
+    with torch.no_grad():
+        next(models["tokenizer"].parameters()).add_(1.0)
+    save_part(run, "tokenizer", models["tokenizer"])  # a tokenizer re-trained after the parts that read it
+    assert stale_parts(json.loads((run / "bundle.json").read_text())) == [
+        ("dynamics", "tokenizer"), ("reward_head", "tokenizer"), ("prompt_prior", "tokenizer")]
+    with pytest.raises(BundleError, match=r"bundle\.json: part 'dynamics' was trained on tokenizer [0-9a-f]{12}, but "
+                                          r"the bundle's tokenizer is [0-9a-f]{12}.*--stage all"):
+        load_bundle(run)
+    assert set(load_bundle(run, parts=("tokenizer", "latent_actions")).parts) == {"tokenizer", "latent_actions"}
+    save_part(run, "dynamics", models["dynamics"])  # re-trained on the new one: fresh again
+    with pytest.raises(BundleError, match=r"part 'reward_head' was trained on tokenizer"):
         load_bundle(run)
 
 

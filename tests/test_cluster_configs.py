@@ -372,3 +372,38 @@ def test_launcher_clusters_share_storage_with_one_group_not_everyone(name):
     assert "chgrp genie-shared /mnt/shared" in setup and "chmod 2770 /mnt/shared" in setup
     assert "groupadd -f -g 1100 genie-shared" in setup
     assert "--group-add=1100" in raw["docker"]["run_options"]
+
+
+def test_launcher_clusters_limit_ssh_to_one_configurable_range():
+    import ipaddress
+
+    aws = load_yaml(CLUSTER / "aws.yaml")
+    rules = aws["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"], r["IpProtocol"]) for r in rules] == [(22, 22, "tcp")], rules
+    ranges = [ipaddress.ip_network(r["CidrIp"]) for r in rules[0]["IpRanges"]]
+    assert ranges and all(n.prefixlen > 0 for n in ranges), ranges  # not the whole internet
+    launcher_config_as_ray_up_sees_it(aws)  # the group is part of Ray's schema, not an ignored key
+
+    gcp_text = (CLUSTER / "gcp.yaml").read_text()
+    gcp = load_yaml(CLUSTER / "gcp.yaml")
+    for name, node_type in gcp["available_node_types"].items():  # every node on the dedicated VPC
+        assert [i["network"] for i in node_type["node_config"]["networkInterfaces"]] == [
+            "global/networks/genie-sima"], name
+    ssh_rule = next(line for line in gcp_text.splitlines() if "firewall-rules create genie-sima-ssh" in line)
+    assert "--network=genie-sima" in ssh_rule and "--allow=tcp:22" in ssh_rule, ssh_rule
+    cidr = ipaddress.ip_network(ssh_rule.split("--source-ranges=")[1].split()[0])
+    assert cidr.prefixlen > 0, ssh_rule
+
+
+def test_kuberay_head_accepts_only_its_own_cluster_and_the_namespaces_job_api():
+    cluster = load_yaml(CLUSTER / "kuberay" / "raycluster.yaml")
+    policy = load_yaml(CLUSTER / "kuberay" / "networkpolicy.yaml")
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    spec = policy["spec"]
+    name = cluster["metadata"]["name"]
+    assert spec["podSelector"]["matchLabels"] == {"ray.io/cluster": name, "ray.io/node-type": "head"}
+    assert spec["policyTypes"] == ["Ingress"]
+    own, job_api = spec["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": name}}}]}
+    assert job_api["from"] == [{"podSelector": {}}] and job_api["ports"] == [{"protocol": "TCP", "port": 8265}]
+    assert "ipBlock" not in str(spec) and "namespaceSelector" not in str(spec)  # nothing from outside the namespace

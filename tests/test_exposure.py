@@ -1,11 +1,14 @@
 """Exposure: the local Ray every command starts (``ensure_ray``) serves no dashboard, and the dashboard
-process Ray runs anyway is bound to 127.0.0.1. (The play server's loopback default is tested in
-test_play.py::test_binds_loopback_by_default.)"""
+process Ray runs anyway is bound to 127.0.0.1. Every listener it opens on other interfaces is one the
+README's Exposure row names, and the one that answers without Ray's token (the metrics endpoint) is
+probed. (The play server's loopback default is tested in test_play.py::test_binds_loopback_by_default.)"""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,16 +33,33 @@ for p in psutil.Process().children(recursive=True):
                              if c.status == psutil.CONN_LISTEN]
     except psutil.Error:
         pass
+import urllib.request
+node = ray._private.worker.global_worker.node
+out["metrics_port"] = node.metrics_export_port
+try:
+    with urllib.request.urlopen(f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics", timeout=10) as r:
+        out["metrics_answer"] = [r.status, r.read(2000).decode(errors="replace")]
+except Exception as e:
+    out["metrics_answer"] = [None, repr(e)]
 ray.shutdown()
 print(json.dumps(out))
 """
 
+# Ray processes that listen beyond loopback, and the words the README's Exposure row uses for each.
+NON_LOOPBACK = {"gcs_server": "GCS", "raylet": "raylet", "ray::DashboardAgent": "metrics",
+                "ray::RuntimeEnvAgent": "runtime-env agent"}
+WORKER = re.compile(r"ray::")  # worker processes (ray::IDLE, ray::SomeActor): their gRPC servers
 
-def test_local_ray_serves_no_dashboard_and_binds_its_dashboard_process_to_loopback():
+
+def _probe() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     r = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    probe = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_local_ray_serves_no_dashboard_and_binds_its_dashboard_process_to_loopback():
+    probe = _probe()
     assert not probe["webui_url"], f"a dashboard is served at {probe['webui_url']}"
     on_dashboard_port = [s for s in probe["listening"] if s[2] == DASHBOARD_PORT]
     assert not on_dashboard_port, on_dashboard_port
@@ -47,3 +67,18 @@ def test_local_ray_serves_no_dashboard_and_binds_its_dashboard_process_to_loopba
     if probe["dashboard"] is not None:  # Ray runs its dashboard process headless; it must still be loopback
         cmd = probe["dashboard"]
         assert "--host=127.0.0.1" in cmd and "--disable-frontend" in cmd, cmd
+
+
+def test_every_non_loopback_listener_is_a_named_ray_process_and_the_readme_says_so():
+    probe = _probe()
+    exposed = sorted({name for name, ip, _ in probe["listening"] if not ipaddress.ip_address(ip).is_loopback})
+    assert exposed, "the probe saw no listener beyond loopback: Ray binds its ports to every interface here"
+    unknown = [n for n in exposed if n not in NON_LOOPBACK and not WORKER.match(n)]
+    assert not unknown, f"listeners beyond loopback that the README does not name: {unknown}"
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| Exposure |"))
+    for name in exposed:
+        assert NON_LOOPBACK.get(name, "worker") in row, (name, row)
+    # The metrics endpoint answers anyone who can reach the machine, without Ray's token: stated, not hidden.
+    status, body = probe["metrics_answer"]
+    assert status == 200 and "# TYPE" in body, probe["metrics_answer"]  # Prometheus text, to anyone
+    assert "metrics endpoint" in row and "without a token" in row, row

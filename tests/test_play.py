@@ -340,6 +340,41 @@ def test_refuses_other_origins_and_hosts(play_server):
     asyncio.run(asyncio.wait_for(probe(), 30))
 
 
+def test_idle_sockets_are_closed_and_their_places_freed(random_bundle):
+    """MAX_CLIENTS idle pages used to lock everyone else out for good: each is closed after the idle timeout."""
+    import aiohttp
+
+    from pipelines.play import IDLE_CLOSE_CODE, MAX_CLIENTS
+
+    srv = ServerThread(random_bundle, prompt=PROMPT, port=0, num_levels=2, idle_timeout_s=3.0).start()
+
+    async def probe():
+        async with aiohttp.ClientSession() as c:
+            idle = [await c.ws_connect(srv.server.url + "ws") for _ in range(MAX_CLIENTS)]
+            for ws in idle:
+                assert (await ws.receive_json())["type"] == "hello"
+            async with c.get(srv.server.url + "ws") as r:
+                assert r.status == 503  # full
+            active = idle[0]
+            for _ in range(4):  # a page that keeps playing keeps its place
+                await asyncio.sleep(1.0)
+                await active.send_str("reset")
+            for ws in idle[1:]:
+                msgs = [m async for m in ws]  # the server's last words, then the close
+                assert any("no message for 3 s; closing" in (m.data or "") for m in msgs if m.type == aiohttp.WSMsgType.TEXT), msgs
+                assert ws.close_code == IDLE_CLOSE_CODE
+            assert not active.closed
+            async with c.ws_connect(srv.server.url + "ws") as ws:  # a new page gets in
+                assert (await ws.receive_json())["type"] == "hello"
+            for ws in idle:
+                await ws.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(probe(), 60))
+    finally:
+        srv.stop()
+
+
 def _play_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "pipelines.play", *args]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from genie_world.build import PART_NAMES
-from genie_world.bundle import load_bundle
+from genie_world.bundle import BundleError, load_bundle, save_part
 from pipelines.errors import ConfigError
 from pipelines.pretrain import PretrainArgs, pretrain
 from tests.conftest import run_collect
@@ -52,6 +53,25 @@ def test_pretrain_all_stages_writes_a_loadable_bundle(small_data, tmp_path):
                      log=lambda m: None)
     assert len([e for e in _events(run) if e["event"] == "started"]) == 5
     assert again["metrics"]["tokenizer_psnr_db"] == m["tokenizer_psnr_db"]
+
+    # A tokenizer re-trained after the parts trained on it (here: other weights saved as the tokenizer) makes
+    # those parts stale: the bundle is refused naming both, a single stage re-run says which stay stale, and
+    # `--stage all` re-trains exactly those (from scratch: their checkpoints were made on the old tokenizer).
+    tokenizer = bundle.parts["tokenizer"]
+    with torch.no_grad():
+        for p in tokenizer.parameters():
+            p.add_(0.01)
+    save_part(run, "tokenizer", tokenizer)
+    with pytest.raises(BundleError, match=r"part 'dynamics' was trained on tokenizer \w+, but the bundle's "
+                                          r"tokenizer is \w+ \(tokenizer re-trained after dynamics\?\)"):
+        load_bundle(run)
+    load_bundle(run, parts=("tokenizer", "latent_actions"))  # parts that do not depend on it still load
+    one = pretrain(PretrainArgs(data=str(small_data), out=str(run), preset="micro", stage="heads", wandb="disabled"),
+                   log=lambda m: None)
+    assert one["stale"] == [["dynamics", "tokenizer"], ["prompt_prior", "tokenizer"]]
+    pretrain(PretrainArgs(data=str(small_data), out=str(run), preset="micro", wandb="disabled"), log=lambda m: None)
+    assert [e["stage"] for e in _events(run) if e["event"] == "started"][5:] == ["heads", "dynamics", "prior"]
+    assert set(load_bundle(run).parts) == set(PART_NAMES)
 
 
 def test_changed_config_for_existing_run_is_refused(small_data, tmp_path):

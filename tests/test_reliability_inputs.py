@@ -157,6 +157,12 @@ def test_frames_of_the_wrong_size_for_an_existing_bundle(ray_local, random_bundl
     with pytest.raises(ConfigError, match=r"holds a run with another config \(frame_size: 64 -> 32\)"):
         pretrain(args, {"frame_size": 32}, log=lambda m: None)
     assert _digest(bundle) == before
+    # Cloning a policy from them through that bundle: refused before any labelling (was a size-mismatch
+    # RuntimeError from inside the latent action model).
+    out = tmp_path / "bc"
+    rc, err = _cli(capsys, "bc", "--bundle", bundle, "--data", data32, "--out", out, "--steps", "1")
+    assert rc == 2 and f"--data {data32}: frames are 32x32, but the world bundle {bundle} was trained on 64x64" in err, err
+    assert "Traceback" not in err and not (out / "policy").exists()
 
     # An image prompt of the wrong size (generate --image).
     image = tmp_path / "start.png"
@@ -275,3 +281,126 @@ def test_unknown_prompt_words_via_train_are_refused_before_anything_is_written(r
         train(TrainConfig(env=f"world://{random_bundle}?prompt=go to the red ball&num_levels=many", out=str(out)),
               log=lambda m: None)
     assert not out.exists()
+
+
+# --- broken bundle files, level files, too little data, a full disk ----------------------------------
+
+@pytest.mark.parametrize("name, content, message", [
+    ("vocab.json", "{not json", "vocab.json: not valid JSON"),
+    ("vocab.json", '{"words": 5}', "vocab.json: not a valid vocabulary (ValueError: 'words' must be a list of strings"),
+    ("vocab.json", "[]", "vocab.json: holds a JSON list, expected a dict"),
+    ("action_adapter.json", '{"num_real": 7', "action_adapter.json: not valid JSON"),
+    ("action_adapter.json", '{"num_real": 7}', "action_adapter.json: not a valid action adapter (KeyError"),
+    ("metrics.json", '"fine"', "metrics.json: holds a JSON str, expected a dict"),
+    ("metrics.json", "{", "metrics.json: not valid JSON"),
+    ("config.json", "{}", "config.json: has no \"config\" object"),
+    ("level_constraints.json", '{"exactly_one": [["a"]]}', "level_constraints.json: not a valid level constraints file"),
+])
+def test_broken_bundle_files_are_one_line_naming_the_file(random_bundle, tmp_path, capsys, name, content, message):
+    bundle = shutil.copytree(random_bundle, tmp_path / "bundle")
+    (bundle / name).write_text(content)
+    out = tmp_path / "o" / "l.h5"
+    rc, err = _cli(capsys, "generate", "--bundle", bundle, "--prompt", PROMPT, "--out", out)
+    assert rc == 2 and f"world bundle {bundle / name}" in err and message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def good_levels(random_bundle, tmp_path_factory) -> Path:
+    from genie_world.levels import save_levels
+
+    path = tmp_path_factory.mktemp("levels") / "levels.h5"
+    return save_levels(path, WorldBuilder(load_bundle(random_bundle)).generate(PROMPT, num_worlds=3, seed=0))
+
+
+def _edit_levels(good: Path, tmp_path: Path, edit) -> Path:
+    import h5py
+
+    path = tmp_path / "edited.h5"
+    shutil.copy(good, path)
+    with h5py.File(path, "a") as f:
+        edit(f)
+    return path
+
+
+def _replace(f, name, data):
+    del f[name]
+    f.create_dataset(name, data=data)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: f.attrs.__delitem__("seed"), "attributes ['seed'] are missing"),
+    (lambda f: [_replace(f, n, f[n][()][:0]) for n in ("first_tokens", "missions", "level_ids")],
+     "holds no levels (generate some with `genie-sima generate`)"),
+    (lambda f: _replace(f, "missions", f["missions"][()][:2]), "missions has shape (2,), expected (3,) for 3 levels"),
+    (lambda f: _replace(f, "first_tokens", np.full(f["first_tokens"].shape, 40000, np.int32)),
+     "token id 40000 is outside the bundle's codebook of"),
+    (lambda f: _replace(f, "first_tokens", f["first_tokens"][()][:, :, None]),
+     "first_tokens has shape (3, 64, 1), expected [levels, tokens per frame]"),
+])
+def test_level_files_that_cannot_be_played_are_one_line(random_bundle, good_levels, tmp_path, capsys, edit, message):
+    path = _edit_levels(good_levels, tmp_path, edit)
+    rc, err = _cli(capsys, "play", "--bundle", random_bundle, "--level", path, "--port", "0")
+    assert rc == 2 and f"level file {path}: {message}" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_level_tokens_over_int16_round_trip_and_empty_sets_are_not_saved(tmp_path):
+    from genie_world.levels import LevelSet, load_levels, save_levels
+
+    tokens = np.array([[0, 32767, 32768, 40000], [1, 2, 3, 65535]])  # int16 wrapped 40000 to -25536
+    path = save_levels(tmp_path / "wide.h5", LevelSet(tokens, ["a", "b"], ["0", "1"], "fp"))
+    back = load_levels(path)
+    assert back.first_tokens.tolist() == tokens.tolist()
+    narrow = save_levels(tmp_path / "narrow.h5", LevelSet(tokens % 32768, ["a", "b"], ["0", "1"], "fp"))
+    assert narrow.stat().st_size <= path.stat().st_size  # ids that fit int16 are still stored as int16
+    with pytest.raises(LevelFileError, match="no levels to save"):
+        save_levels(tmp_path / "empty.h5", LevelSet(np.zeros((0, 4), np.int64), [], [], "fp"))
+    assert not (tmp_path / "empty.h5").exists()
+    with pytest.raises(ValueError, match="first_tokens must be >= 0"):
+        LevelSet(-tokens, ["a", "b"], ["0", "1"], "fp")
+
+
+def test_train_on_a_bundle_missing_a_part_names_the_part_before_anything_starts(random_bundle, tmp_path, capsys):
+    bundle = shutil.copytree(random_bundle, tmp_path / "bundle")
+    meta = json.loads((bundle / "bundle.json").read_text())
+    del meta["parts"]["dynamics"]
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    out = tmp_path / "agent"
+    rc, err = _cli(capsys, "train", "--env", f"world://{bundle}?prompt={PROMPT}", "--out", out)
+    assert rc == 2 and f"world bundle {bundle}: part 'dynamics' is missing" in err, err  # was an ActorDiedError
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_pretraining_data_with_fewer_clips_than_a_batch_is_refused_before_any_stage(babyai_mixed_data, tmp_path,
+                                                                                    capsys):
+    out = tmp_path / "run"
+    rc, err = _cli(capsys, "pretrain", "--data", babyai_mixed_data, "--out", out, "--preset", "micro",
+                   "--prior-batch", "4096")
+    assert rc == 2 and (f"--data {babyai_mixed_data}: stage prior needs at least 4096 first frames in the training "
+                        "split (--prior-batch 4096 x 1 worker(s)), the data has") in err, err
+    assert "Traceback" not in err and not out.exists()  # the stages before it did not run either
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_file_whole(random_bundle, tmp_path):
+    """A real write past the process's file-size limit (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC)."""
+    import resource
+
+    out = tmp_path / "levels.h5"
+    argv = [sys.executable, "-m", "pipelines.cli", "generate", "--bundle", str(random_bundle), "--prompt", PROMPT,
+            "--out", str(out)]
+    subprocess.run(argv + ["--num-worlds", "2"], check=True, capture_output=True)
+    before = out.read_bytes()
+    limit = len(before) + 2048  # room for the config beside it, not for 512 levels
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run(argv + ["--num-worlds", "512"], preexec_fn=small_files, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"genie-sima generate: error: cannot write {out}: File too large (free space or "
+                                   "raise the limit, then re-run the same command; files already written are whole)")
+    assert out.read_bytes() == before
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]

@@ -164,3 +164,43 @@ def test_env_runner_killed_mid_training_is_restarted_and_finds_the_server(random
     assert len(ids) > 0 and len(rows["step"]) == int(result["metrics"]["env_runners/replay_transitions_added"])
     # The last iteration's rollout video was played by the policy fetched from the restarted remote EnvRunner.
     assert (out / "videos" / f"rollout_iter_{its[-1]['iteration']:06d}.gif").exists()
+
+
+def test_train_killed_while_saving_a_checkpoint_resumes_from_the_previous_one(tmp_path):
+    """SIGKILL `genie-sima train` (its whole process tree, a local Ray included) while a checkpoint is being
+    written: the checkpoints before it are whole and `--resume` continues from the newest of them."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import kill_process_tree
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "pipelines.cli", "train", "--env", "babyai:BabyAI-GoToRedBall-v0", "--out", str(out),
+            "--num-envs", "4", "--rollout-steps", "16", "--minibatch-size", "32", "--num-epochs", "1",
+            "--vision-dim", "32", "--hidden-dim", "64", "--checkpoint-every", "1", "--wandb", "disabled",
+            "--threads", "1", "--video-every", "0"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(argv + ["--total-timesteps", "100000"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    ckpts = out / "checkpoints"
+    saving = None
+    try:
+        deadline = time.monotonic() + 240
+        while saving is None and time.monotonic() < deadline and proc.poll() is None:
+            if ckpts.is_dir() and any(p.name.startswith("iter_") for p in ckpts.iterdir()):
+                saving = next((p for p in ckpts.iterdir() if p.name.endswith(".tmp")), None)
+            time.sleep(0.002)
+    finally:
+        kill_process_tree(proc)
+    assert saving is not None, "never saw a checkpoint being written after a complete one"
+    complete = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("iter_"))
+    assert saving.name == f".iter_{int(complete[-1][5:]) + 1:06d}.tmp", (saving.name, complete)
+    for name in complete:  # every checkpoint under its final name is whole
+        assert (ckpts / name / "rllib_checkpoint.json").exists() and (ckpts / name / "learner_group").is_dir(), name
+    resumed = subprocess.run(argv + ["--resume", "--total-timesteps", str(64 * (len(complete) + 1))],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"train: resumed from {ckpts / complete[-1]}" in resumed.stderr, resumed.stderr[-3000:]
+    after = sorted(p.name for p in ckpts.iterdir())
+    assert after == complete + [f"iter_{int(complete[-1][5:]) + 1:06d}"], after  # the half-written one is gone

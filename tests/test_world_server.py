@@ -129,3 +129,37 @@ def test_a_second_step_in_flight_is_refused_to_its_client_only(server):
         assert len(ray.get(server.step.remote(a, [2, 2]))["rewards"]) == 2  # answered: the client steps again
     finally:
         ray.get([server.close.remote(a), server.close.remote(b)])
+
+
+def test_idle_blocks_are_leased_open_is_capped_and_a_wedged_server_times_out(ray_local, random_bundle, monkeypatch):
+    """A client whose process died without closing held its envs for the server's lifetime; now its block
+    is reclaimed once idle past the lease, when an open needs the room. Calls that would tie up the server
+    are refused; a client waiting on a server that does not answer gets a TimeoutError naming it."""
+    import genie_world.gym_env as gym_env
+
+    name = "test-world-lease"
+    handle = start_world_server(random_bundle, name=name, num_cpus=0.5, capacity=4, max_episode_steps=6, threads=1,
+                                lease_s=1.0)
+    try:
+        gone = ray.get(handle.open.remote(4, prompt=PROMPTS[0]))["client"]  # its owner "dies": never closes
+        with pytest.raises(ValueError, match="cannot open 2 envs, 0 of 4 are free"):
+            ray.get(handle.open.remote(2, prompt=PROMPTS[1]))  # within the lease: still its
+        time.sleep(1.5)
+        other = ray.get(handle.open.remote(2, prompt=PROMPTS[1]))
+        assert other["envs"] == [0, 1] and ray.get(handle.stats.remote())["expired_clients_closed"] == 1
+        with pytest.raises(ValueError, match=rf"client '{gone}' was closed after \d+ s without a step \(lease 1 s\)"):
+            ray.get(handle.step.remote(gone, np.zeros(4, np.int64)))
+        ray.get(handle.step.remote(other["client"], np.zeros(2, np.int64)))  # a stepping client keeps its block
+        with pytest.raises(ValueError, match="num_levels must be an integer in 1..100000, got 1000000000"):
+            ray.get(handle.open.remote(1, prompt=PROMPTS[0], num_levels=10**9))
+        with pytest.raises(ValueError, match="cannot open 5 envs, more than its capacity 4"):
+            ray.get(handle.open.remote(5, prompt=PROMPTS[0]))
+
+        env = WorldVectorEnv(2, server=name, prompt=PROMPTS[2], seed=0, max_episode_steps=6)
+        env.reset()
+        monkeypatch.setattr(gym_env, "SERVER_CALL_TIMEOUT_S", 1.0)
+        ray.get(handle.__ray_call__.remote(lambda self: self._executor.submit(time.sleep, 5) and None))  # wedged
+        with pytest.raises(TimeoutError, match=f"world server '{name}': no answer to step within 1 s"):
+            env.step(np.zeros(2, np.int64))
+    finally:
+        ray.kill(handle)
