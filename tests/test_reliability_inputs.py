@@ -338,6 +338,10 @@ def _replace(f, name, data):
      "token id 40000 is outside the bundle's codebook of"),
     (lambda f: _replace(f, "first_tokens", f["first_tokens"][()][:, :, None]),
      "first_tokens has shape (3, 64, 1), expected [levels, tokens per frame]"),
+    # Declared, not written (HDF5 fills on read): refused from the shape, before 128 MB are read.
+    (lambda f: (f.__delitem__("first_tokens"), f.create_dataset("first_tokens", shape=(1_000_001, 64), dtype=np.int16,
+                                                                chunks=(1024, 64))),
+     "first_tokens is 1000001 x 64; at most 1000000 levels of 16384 tokens are read"),
 ])
 def test_level_files_that_cannot_be_played_are_one_line(random_bundle, good_levels, tmp_path, capsys, edit, message):
     path = _edit_levels(good_levels, tmp_path, edit)
