@@ -25,7 +25,10 @@ class GenerateConfig:
                                 "real first frames, each with its own episode's mission (drawn by --seed)")
     data_mission: str | None = _f(None, "with --data: only the episodes whose mission contains this text, e.g. \"red "
                                         "ball\" (levels as crowded as the real rooms that honour one prompt)")
-    mission: str | None = _f(None, "instruction the reward head scores (default: the prompt)")
+    mission: str | None = _f(None, "instruction the reward head scores (default: the prompt); with --data: levels for "
+                                   "this instruction from the real first frames that show what it names (BabyAI)")
+    mission_share: float = _f(1.0, "with --data and --mission: share of the levels for --mission; the rest keep their "
+                                   "episodes' own first frames and missions", at_least=0.0, at_most=1.0)
     num_worlds: int = _f(16, "levels to generate", at_least=1)
     seed: int = _f(0, "seed: same seed, same levels")
     grid: str | None = _f(None, "write a PNG grid of the levels' first frames here")
@@ -84,6 +87,38 @@ def _first_frames(data_dir: str, n: int, seed: int, size: int,
     return frames, [str(c["mission"]) for c in clips]
 
 
+def _cycled(frames: np.ndarray, n: int) -> np.ndarray:
+    return frames[np.arange(n) % len(frames)]
+
+
+def _frames_showing(data_dir: str, mission: str, n: int, seed: int, size: int) -> np.ndarray:
+    """``n`` real first frames [n, S, S, 3] of the collection's train episodes that show the object ``mission``
+    names (and one agent), whatever their own missions were: starts laid out as the real game lays out that
+    instruction's rooms, where a prompt-generated level is as crowded with the object as its guidance makes
+    it. Distinct frames in an order drawn by ``seed``, cycled when fewer than ``n`` show it."""
+    from .data.babyai_tiles import level_contents
+    from .data.clip_reader import ClipReader
+
+    reader = ClipReader(data_dir, clip_len=2, split="train", first_only=True)
+    try:
+        frames = np.stack([reader[i]["frames"][0] for i in range(len(reader))]) if len(reader) else None
+    finally:
+        reader.close()
+    if frames is None:
+        raise ConfigError(f"--data {data_dir}: no train episodes of 2 or more frames")
+    if frames.shape[1:] != (size, size, 3):
+        raise ConfigError(f"--data {data_dir}: frames are {frames.shape[2]}x{frames.shape[1]}, the bundle expects "
+                          f"{size}x{size} RGB")
+    shows = np.zeros(len(frames), bool)
+    for lo in range(0, len(frames), 256):  # the tile reader compares every tile with every rendering
+        c = level_contents(frames[lo:lo + 256], mission)
+        shows[lo:lo + 256] = c["has_object"] & c["one_agent"] & (c["unknown_tiles"] == 0)
+    if not shows.any():
+        raise ConfigError(f"--mission {mission!r}: none of the {len(frames)} train first frames of {data_dir} shows "
+                          "what it names")
+    return _cycled(frames[np.random.default_rng(seed).permutation(np.flatnonzero(shows))], n)
+
+
 def generate(cfg: GenerateConfig) -> dict:
     import torch
 
@@ -109,11 +144,27 @@ def generate(cfg: GenerateConfig) -> dict:
     bundle = load_bundle(cfg.bundle)
     image = _load_image(cfg.image, bundle.config.frame_size) if cfg.image else None
     mission = cfg.mission
-    if cfg.data is not None:
-        if cfg.mission is not None:
-            raise ConfigError("--data levels keep their episodes' missions; --mission cannot be given with it")
+    if cfg.mission_share != 1.0 and (cfg.data is None or cfg.mission is None):
+        raise ConfigError("--mission-share splits --data levels between --mission and the episodes' own missions; "
+                          "give --data and --mission too")
+    if cfg.data is not None and cfg.mission is None:
         image, mission = _first_frames(cfg.data, cfg.num_worlds, cfg.seed, bundle.config.frame_size,
                                        cfg.data_mission)
+    elif cfg.data is not None:
+        if cfg.data_mission is not None:
+            raise ConfigError("--data-mission selects episodes by their own missions; with --mission the frames are "
+                              "chosen by what they show: give one of the two")
+        if not is_babyai(bundle):
+            raise ConfigError(f"--mission with --data reads the frames' objects with BabyAI's tile renderings; the "
+                              f"bundle {cfg.bundle} was not trained on BabyAI video")
+        k = round(cfg.num_worlds * cfg.mission_share)
+        size = bundle.config.frame_size
+        image = _frames_showing(cfg.data, cfg.mission, k, cfg.seed, size) if k else np.zeros((0, size, size, 3), np.uint8)
+        mission = [cfg.mission] * k
+        if k < cfg.num_worlds:
+            own, own_missions = _first_frames(cfg.data, cfg.num_worlds - k, cfg.seed + 1, size)
+            idx = np.arange(cfg.num_worlds - k) % len(own)
+            image, mission = np.concatenate([image, own[idx]]), mission + [own_missions[i] for i in idx]
     levels = WorldBuilder(bundle).generate(prompt=cfg.prompt, image=image, num_worlds=cfg.num_worlds,
                                            seed=cfg.seed, mission=mission)
     save_levels(out, levels)

@@ -15,7 +15,7 @@ from tests.test_play import browser  # noqa: F401  (the headless Chromium fixtur
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["collect", "pretrain", "generate", "bc", "ppo_in_imagination", "real_game_ppo", "evaluate"]
+STEPS = ["collect", "pretrain", "generate", "bc", "starts", "ppo_in_imagination", "real_game_ppo", "evaluate"]
 
 
 def _demo(out, *extra):
@@ -44,6 +44,13 @@ def test_micro_demo_runs_end_to_end_and_resumes(tmp_path, browser):  # noqa: F81
     assert ppo_log and json.loads((out / "ppo" / "config.json").read_text())["config"]["init_policy"] == str(out / "bc")
     ppo_cfg = json.loads((out / "ppo" / "config.json").read_text())["config"]
     assert (ppo_cfg["gae_lambda"], ppo_cfg["kl_coeff"], ppo_cfg["minibatch_size"]) == (0.95, 0.0, 32)
+    assert (ppo_cfg["language_coeff"], ppo_cfg["contrastive_coeff"]) == (0.0, 0.0)
+    # It trained on real first frames of the videos: the prompt's mission on frames that show what it names.
+    starts = out / "levels" / "starts.h5"
+    assert ppo_cfg["env"] == f"world://{out / 'world'}?level_file={starts}"
+    from genie_world.levels import load_levels
+    pool = load_levels(starts)
+    assert len(pool) == 4 and pool.source == "image" and pool.missions.count("go to the red ball") >= 3
     real_cfg = json.loads((out / "real_ppo" / "config.json").read_text())["config"]
     assert (real_cfg["total_timesteps"], real_cfg["num_envs"], real_cfg["gae_lambda"]) == (64, 4, 1.0)
     report = (out / "report.html").read_text()

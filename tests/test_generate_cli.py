@@ -109,3 +109,52 @@ def test_generate_refusals_name_the_problem(random_bundle, tmp_path):
         assert r.returncode == 2 and "not writable" in r.stderr
     finally:
         os.chmod(locked, 0o700)
+
+
+def test_generate_levels_for_one_mission_from_the_real_first_frames_that_show_it(babyai_bot_data, tmp_path):
+    """--data with --mission: real first frames that show what the mission names, each with that mission,
+    and (--mission-share) the rest with their episodes' own frames and missions."""
+    import torch
+
+    from genie_world.bundle import update_bundle_meta
+    from genie_world.config import resolve_config
+    from genie_world.random_bundle import write_random_bundle
+    from pipelines.data.babyai_tiles import level_contents
+    from pipelines.data.clip_reader import ClipReader
+
+    reader = ClipReader(babyai_bot_data, clip_len=2, split="train", first_only=True)
+    episodes = [reader[i] for i in range(len(reader))]
+    reader.close()
+    missions = [str(e["mission"]) for e in episodes]
+    mission = "go to " + missions[0].split(" to ")[-1]  # e.g. "go to the red ball": its episode's room shows it
+    bundle_dir = write_random_bundle(tmp_path / "bundle", resolve_config("micro"), missions + [mission])
+    update_bundle_meta(bundle_dir, provenance={"source": "babyai:BabyAI-GoToLocal-v0"})
+    bundle = load_bundle(bundle_dir)
+    frames = np.stack([e["frames"][0] for e in episodes])
+    with torch.no_grad():
+        real = bundle.tokenizer.encode(torch.from_numpy(frames[:, None]))[1][:, 0].numpy()
+    c = level_contents(frames, mission)
+    shows = {real[i].tobytes() for i in np.flatnonzero(c["has_object"] & c["one_agent"])}
+    named = {real[i].tobytes() for i, m in enumerate(missions) if m.split(" to ")[-1] == mission.split(" to ")[-1]}
+    assert named <= shows and len(shows) < len(episodes)  # every room its own mission sends you to shows it
+
+    r = _cli("generate", "--bundle", str(bundle_dir), "--data", str(babyai_bot_data), "--mission", mission,
+             "--mission-share", "0.5", "--num-worlds", "8", "--out", str(tmp_path / "l.h5"))
+    assert r.returncode == 0, r.stderr
+    levels = load_levels(tmp_path / "l.h5", bundle)
+    ours = [i for i in range(8) if levels.missions[i] == mission and levels.first_tokens[i].tobytes() in shows]
+    assert len(ours) >= 4 and all(levels.first_tokens[i].tobytes() in shows for i in range(4))
+    own = {(real[i].tobytes(), m) for i, m in enumerate(missions)}
+    assert all((levels.first_tokens[i].tobytes(), levels.missions[i]) in own for i in range(4, 8))
+
+    for extra, message in [(["--mission-share", "0.5"], "give --data and --mission too"),
+                           (["--mission", mission, "--data-mission", "ball"], "give one of the two"),
+                           (["--mission", "go to the grey door"], "train first frames of")]:
+        argv = ["--data", str(babyai_bot_data)] if "--mission" in extra else ["--prompt", mission]
+        r = _cli("generate", "--bundle", str(bundle_dir), *argv, *extra, "--out", str(tmp_path / "x.h5"))
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    other = write_random_bundle(tmp_path / "other", resolve_config("micro"), missions + [mission])  # not BabyAI
+    r = _cli("generate", "--bundle", str(other), "--data", str(babyai_bot_data), "--mission", mission,
+             "--out", str(tmp_path / "x.h5"))
+    assert r.returncode == 2 and "was not trained on BabyAI video" in r.stderr
+    assert not (tmp_path / "x.h5").exists()
