@@ -226,7 +226,8 @@ def _disk_full(e: BaseException) -> OSError | None:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             return e
-        e = e.__cause__ or e.__context__
+        # A Ray task's error arrives as a RayTaskError whose ``cause`` is the task's own exception.
+        e = e.__cause__ or getattr(e, "cause", None) or e.__context__
     return None
 
 

@@ -78,7 +78,7 @@ class DemoConfig:
     ppo_minibatch: int = _f(512, "PPO minibatch size")
     ppo_epochs: int = _f(3, "PPO epochs per train batch (3 x 8 minibatches: 24 gradient steps per iteration; 4 "
                             "epochs learned as much per imagined step, 20% slower)", at_least=1)
-    ppo_timesteps: int = _f(81920, "imagined env steps of PPO")
+    ppo_timesteps: int = _f(57344, "imagined env steps of PPO")
     ppo_lr: float = _f(3e-4, "PPO learning rate")
     ppo_aux: bool = _f(False, "the language-matching and contrastive losses during PPO in imagination (with the "
                               "vision encoder frozen they train only the language encoder; off: the same real-game "
@@ -90,9 +90,9 @@ class DemoConfig:
                                       "lr 1e-4 and RLlib's lambda and KL penalty: +4 points on GoToRedBall where "
                                       "these settings gave +9.5)")
     ppo_critic_warmup: int = _f(8, "gradient steps that train only the value function before PPO moves the clone")
-    ppo_real_eval_every: int = _f(5, "PPO iterations between short real-game evaluations of the policy (success "
+    ppo_real_eval_every: int = _f(4, "PPO iterations between short real-game evaluations of the policy (success "
                                      "beside imagined success in the report)")
-    ppo_real_eval_episodes: int = _f(50, "real-game episodes per evaluation during PPO")
+    ppo_real_eval_episodes: int = _f(30, "real-game episodes per evaluation during PPO")
     ppo_freeze_vision: bool = _f(True, "keep the clone's vision encoder frozen during PPO in imagination (its agent/"
                                        "direction detectors are trained only by BC). Real-game success frozen vs "
                                        "not: full size 85.5/86.0% vs 83.0/81.0%; a demo clone on prompt levels "
@@ -104,7 +104,7 @@ class DemoConfig:
     real_ppo_rollout_steps: int = _f(32, "steps per env per iteration of the real-game PPO baseline")
     eval_levels: str = _f("BabyAI-GoToRedBall-v0,BabyAI-GoToLocal-v0", "real BabyAI levels to evaluate on")
     eval_episodes: int = _f(100, "real-game episodes per level and agent")
-    eval_imagined: int = _f(100, "episodes per level and policy also played in the world model from their real first "
+    eval_imagined: int = _f(50, "episodes per level and policy also played in the world model from their real first "
                                  "frames, their actions replayed in the real game (imagined vs real success)")
     eval_greedy: bool = _f(False, "evaluate with each policy's most probable action (default: sample, as in "
                                   "training; greedy cloned policies loop: 43% vs 72% success on GoToRedBall)")

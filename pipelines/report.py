@@ -195,10 +195,23 @@ def _section_ppo(d: Path) -> str:
                 "value loss": [e.get("learners/default_policy/vf_loss") for e in events]}
     real = [(e.get("steps"), e["real_success"], e.get("imagined_success")) for e in events if "real_success" in e]
     table = _table(["env steps", "real-game success", "imagined success"], [list(r) for r in real]) if real else ""
-    return ("<p>Imagined episodes that ended (success = ended by predicted termination), and the same policy in "
+    return (_ppo_levels(d) + "<p>Imagined episodes that ended (success = ended by predicted termination), and the same policy in "
             "the real game where it was evaluated:</p>" + svg_curve(xs, outcome) + table
             + "<p>The learner, per iteration:</p>" + svg_curve(xs, learning)
             + f"<p>{len(events)} PPO iterations in imagination, {xs[-1] if xs else 0} env steps.</p>")
+
+
+def _ppo_levels(d: Path) -> str:
+    """Which imagined worlds PPO trained on (the demo's real starts, or the prompt's levels)."""
+    env = ((_read_json(d / "ppo" / "config.json") or {}).get("config") or {}).get("env", "")
+    starts = _read_json(d / "levels" / "starts.json")
+    if "starts.h5" in env and starts:
+        demo = (_read_json(d / "demo.config.json") or {}).get("config") or {}
+        return (f"<p>Trained on {starts['num_worlds']} levels made from the videos' real first frames "
+                f"({starts['distinct_levels']} distinct): {100 * demo.get('starts_share', 1.0):.0f}% of them frames "
+                f"that show what <q>{html.escape(str(demo.get('prompt', '')))}</q> names, with it as their mission; "
+                "the rest with their own episodes' missions.</p>")
+    return "<p>Trained on the levels generated from the prompt.</p>" if "levels.h5" in env else ""
 
 
 def _section_eval(d: Path) -> str:

@@ -61,6 +61,7 @@ def test_micro_demo_runs_end_to_end_and_resumes(tmp_path, browser):  # noqa: F81
     assert report.count("data:image/gif;base64,") >= 1 + 3  # level rollout + one real-vs-imagined GIF per policy
     assert "<td>imagination_ppo</td>" in report and "<polyline" in report
     assert "imagined minus real, same actions" in report
+    assert "Trained on 4 levels made from the videos' real first frames" in report
     # A real browser renders the page: every inlined picture decodes, the evaluation table has its rows.
     browser.get((out / "report.html").as_uri())
     sizes = browser.execute_script("return Array.from(document.images).map(i => [i.complete, i.naturalWidth]);")
