@@ -109,8 +109,9 @@ def test_registered_id_makes_single_and_vector_envs(random_bundle, server):
 
 
 def test_a_second_step_in_flight_is_refused_to_its_client_only(server):
-    """Two concurrent step calls from one client and one from another, in one gather: the client's second
-    call is refused to it alone; its first call and the other client's step succeed."""
+    """Two concurrent step calls from one client and one from another, in one gather: whichever of the
+    client's two calls reaches the server second is refused to it alone (Ray does not keep one caller's
+    order for an async actor: either may arrive first); the other and the other client's step succeed."""
     a = ray.get(server.open.remote(2, prompt=PROMPTS[0]))["client"]
     b = ray.get(server.open.remote(3, prompt=PROMPTS[1]))["client"]
     try:
@@ -122,9 +123,11 @@ def test_a_second_step_in_flight_is_refused_to_its_client_only(server):
                     outcomes.append(ray.get(ref))
                 except Exception as e:  # noqa: BLE001
                     outcomes.append(e)
-            first, second, other = outcomes
-            assert isinstance(first, dict) and first["envs"] is not None and len(first["rewards"]) == 2
-            assert isinstance(second, Exception) and "already has a step in flight" in str(second)
+            mine, other = outcomes[:2], outcomes[2]
+            answered = [o for o in mine if isinstance(o, dict)]
+            refused = [o for o in mine if isinstance(o, Exception)]
+            assert len(answered) == 1 and answered[0]["envs"] is not None and len(answered[0]["rewards"]) == 2, mine
+            assert len(refused) == 1 and "already has a step in flight" in str(refused[0]), mine
             assert isinstance(other, dict) and len(other["rewards"]) == 3
         assert len(ray.get(server.step.remote(a, [2, 2]))["rewards"]) == 2  # answered: the client steps again
     finally:
